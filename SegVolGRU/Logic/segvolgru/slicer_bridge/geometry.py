@@ -60,7 +60,9 @@ def node_to_world_matrix(node, role: str) -> np.ndarray:
 def _dimensions_ijk(volume_node) -> tuple[int, int, int]:
     image = volume_node.GetImageData()
     if image is None:
-        raise InputError(f"The volume {_node_label(volume_node)} has no image data; load or select a volume with voxels.")
+        raise InputError(
+            f"The volume {_node_label(volume_node)} has no image data; load or select a volume with voxels."
+        )
     return tuple(int(d) for d in image.GetDimensions())
 
 
