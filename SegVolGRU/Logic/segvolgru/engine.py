@@ -1,0 +1,170 @@
+"""The inference engine's building blocks: prepared volumes, cached encoders and decoders.
+
+An :class:`Engine` wraps one model and one embedding cache. It turns a raw (K, J, I) volume into a
+:class:`PreparedVolume` (preprocessed once per content), and runs the encoder of the zoom-out view and of any
+zoom-in window at most once per (content, ROI, window), and each decoder at most once per set of prompts.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .cache import EmbeddingCache, content_key, shared_cache
+from .device import autocast, with_oom_fallback
+from .errors import InputError
+from .network import SegVol
+from .preprocess import Preprocessed, preprocess
+from .prompts import Box
+from .windows import WindowGrid
+
+Roi = tuple[int, int, int, int, int, int]
+
+
+@dataclass
+class PreparedVolume:
+    """A volume after the official preprocessing, with the key that identifies its content."""
+
+    key: str
+    shape: tuple[int, int, int]
+    pre: Preprocessed
+    image: torch.Tensor  # (K, J, I) float32 crop on the CPU
+
+    @property
+    def crop_shape(self) -> tuple[int, int, int]:
+        return tuple(self.image.shape)  # type: ignore[return-value]
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage of one prediction (encoder runs are counted even when they hit the cache)."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    encoder_runs: int = 0
+    decoder_runs: int = 0
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.values[stage] = self.values.get(stage, 0.0) + seconds
+
+
+class Engine:
+    """Cached SegVol passes on one model; thread-compatible (one prediction at a time per engine)."""
+
+    def __init__(self, model: SegVol, cache: EmbeddingCache | None = None, precision: str = "fp32") -> None:
+        self.model = model.eval()
+        self.cache = cache if cache is not None else shared_cache()
+        self.precision = precision
+        self._prepared: dict[str, PreparedVolume] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def window(self) -> tuple[int, int, int]:
+        return self.model.config.spatial_size
+
+    def _model_tag(self) -> tuple:
+        # Entries of different models (or of one model moved to another device) must never mix.
+        return (id(self.model), str(self.device), self.precision)
+
+    def prepare(self, volume: np.ndarray, key: str | None = None) -> PreparedVolume:
+        """Preprocess ``volume`` (never modified), reusing the result for identical content."""
+        key = key or content_key(volume)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            pre = preprocess(volume, self.window)
+            prepared = PreparedVolume(key, tuple(volume.shape), pre, torch.from_numpy(pre.image))
+            # Keep only the latest volume: a crop can be hundreds of MB and sessions keep their own reference.
+            self._prepared = {key: prepared}
+        return prepared
+
+    def _run(self, fn):
+        def to_cpu() -> None:
+            self.model.to("cpu")
+            self.cache.clear()
+
+        return with_oom_fallback(fn, to_cpu)
+
+    def _encode(self, image: torch.Tensor) -> torch.Tensor:
+        def run() -> torch.Tensor:
+            with torch.inference_mode(), autocast(self.device, self.precision):
+                return self.model.encode(image[None, None].to(self.device, torch.float32)).float()
+
+        return self._run(run)
+
+    def zoom_out_embedding(self, prepared: PreparedVolume, timings: Timings | None = None) -> torch.Tensor:
+        key = ("zoom_out", self._model_tag(), prepared.key)
+        return self._cached_embedding(key, lambda: torch.from_numpy(prepared.pre.zoom_out), timings)
+
+    def window_embedding(self, prepared: PreparedVolume, roi: Roi, grid: WindowGrid, index: int,
+                         padded_image: torch.Tensor, timings: Timings | None = None) -> torch.Tensor:
+        key = ("window", self._model_tag(), prepared.key, tuple(roi), grid.starts[index])
+        return self._cached_embedding(key, lambda: padded_image[grid.window_slices(index)], timings)
+
+    def _cached_embedding(self, key, image_fn, timings: Timings | None) -> torch.Tensor:
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached  # type: ignore[return-value]
+        start = time.perf_counter()
+        embedding = self._encode(image_fn())
+        if timings is not None:
+            timings.add("encoder_s", time.perf_counter() - start)
+            timings.encoder_runs += 1
+        self.cache.put(key, embedding)
+        return embedding
+
+    def text_embedding(self, text: str | None) -> torch.Tensor | None:
+        if text is None:
+            return None
+        if not self.model.has_text:
+            raise InputError(f"text prompt {text!r} given, but this model has no text tower: use a box or clicks, "
+                             "or load the official SegVol weights")
+        if not text.strip():
+            raise InputError("the text prompt is empty: give an organ name such as 'liver', or no text")
+        key = ("text", self._model_tag(), text)
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                return self.model.embed_text(text)
+
+        return self.cache.get_or_compute(key, lambda: self._run(run))  # type: ignore[return-value]
+
+    def decode(self, embedding: torch.Tensor, embedding_key: tuple, box: Box | None, points: np.ndarray | None,
+               labels: np.ndarray | None, text_embedding: torch.Tensor | None, text: str | None,
+               timings: Timings | None = None) -> torch.Tensor:
+        """Prompts in the embedded image's voxels -> low-resolution logits (1, 1, ...) on the CPU, cached."""
+        pts = None if points is None or len(points) == 0 else np.asarray(points, np.int64)
+        lab = None if pts is None else np.asarray(labels, np.int64)
+        key = ("decoder", self._model_tag(), embedding_key, box,
+               None if pts is None else (pts.tobytes(), lab.tobytes()), text)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached  # type: ignore[return-value]
+        start = time.perf_counter()
+
+        def run() -> torch.Tensor:
+            device = self.device
+            boxes = None if box is None else torch.tensor([box], dtype=torch.float32, device=device)
+            point_prompt = None
+            if pts is not None:
+                point_prompt = (torch.as_tensor(pts, dtype=torch.float32, device=device)[None],
+                                torch.as_tensor(lab, dtype=torch.float32, device=device)[None])
+            text_emb = None if text_embedding is None else text_embedding.to(device)
+            with torch.inference_mode(), autocast(device, self.precision):
+                low = self.model.decode(embedding.to(device), boxes, point_prompt, text_emb)
+            return low.float().cpu()
+
+        low_res = self._run(run)
+        if timings is not None:
+            timings.add("decoder_s", time.perf_counter() - start)
+            timings.decoder_runs += 1
+        self.cache.put(key, low_res)
+        return low_res
+
+    def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
+        """Low-resolution logits -> (K, J, I) logits at the window size (the official trilinear step)."""
+        with torch.inference_mode():
+            return self.model.upsample(low_res)[0, 0]
