@@ -130,7 +130,10 @@ def apply_state(model: SegVol, ckpt: Checkpoint, source: str = "checkpoint") -> 
             "hidden size 2000 is not this project's correction module); the SegVol weights are used", stacklevel=3)
         for k in skipped:
             del state[k]
-    correction = {k[len(CORRECTION_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(CORRECTION_PREFIX)}
+    correction = {}
+    if model.correction is None:
+        # Kept aside for a model built later with a correction module; strict below for a model that has one.
+        correction = {k[len(CORRECTION_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(CORRECTION_PREFIX)}
     if not model.has_text:
         # A text-free configuration may take the official weights and leave the 250 MB CLIP tower behind.
         for k in [k for k in state if k.startswith(TEXT_PREFIX)]:

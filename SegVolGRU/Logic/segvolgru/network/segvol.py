@@ -14,6 +14,7 @@ from .image_encoder import build_image_encoder
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 from .text_encoder import TextEncoder
+from ..correction import ClickCorrector, CorrectionConfig
 
 Points = tuple[torch.Tensor, torch.Tensor]
 
@@ -26,6 +27,8 @@ class SegVol(nn.Module):
         self.mask_decoder = MaskDecoder(config)
         self.prompt_encoder = PromptEncoder(config)
         self.text_encoder = TextEncoder(config) if config.text_tower else None
+        # The project's click-correction module (weights under ``correction.``); absent in the official model.
+        self.correction = ClickCorrector(CorrectionConfig.from_dict(config.correction)) if config.correction else None
         # Filled by the checkpoint loader: the correction module's weights and the training recipe, if any.
         self.correction_state: dict[str, torch.Tensor] = {}
         self.recipe: dict = {}

@@ -1,0 +1,244 @@
+"""Stateful GRU click correction and multi-round fusion.
+
+The published SegVol-GRU idea, built so that it can work: after every click the module looks at two point sets of
+the current prediction inside the zoom-in ROI — the K most uncertain voxels U_t (τ < p < 1 − τ) and the K voxels
+nearest the clicks that disagree with the click's label E_t — and proposes a logit correction (a delta) per point.
+ONE GRU cell carries a hidden state from click to click for the whole session. The deltas are spread by a Gaussian
+kernel around the newest click (a 2K-point write cannot move a 3-D mask) or, as a switch, written only at the
+points. Fusion then protects what the user already accepted far from the click (the LIM-Net idea).
+
+Coordinates are (K, J, I) voxels of the region the logits cover; features use them normalised to [0, 1].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ROW_FEATURES = 10
+WRITE_BACK_MODES = ("spread", "sparse")
+
+
+@dataclass(frozen=True)
+class CorrectionConfig:
+    """Switches and sizes of the correction module (voxels for radii)."""
+
+    k: int = 200
+    tau: float = 0.1
+    error_radius: float = 20.0
+    hidden_size: int = 256
+    row_dim: int = 64
+    spread_sigma: float = 3.0
+    write_back: str = "spread"
+    fusion: bool = True
+    fusion_radius: float = 20.0
+    fusion_band: tuple[float, float] = (0.1, 0.9)
+
+    def __post_init__(self) -> None:
+        if self.write_back not in WRITE_BACK_MODES:
+            raise ValueError(f"write_back must be one of {WRITE_BACK_MODES}, got {self.write_back!r}")
+        if not 0 < self.tau < 0.5:
+            raise ValueError(f"tau must be in (0, 0.5), got {self.tau}")
+        if self.k < 1:
+            raise ValueError("k must be at least 1")
+        object.__setattr__(self, "fusion_band", tuple(float(b) for b in self.fusion_band))
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["fusion_band"] = list(self.fusion_band)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CorrectionConfig":
+        return cls(**data)
+
+    @property
+    def network_shape(self) -> tuple[int, int]:
+        """What the weights depend on; the other fields are free to change at inference."""
+        return self.hidden_size, self.row_dim
+
+
+@dataclass
+class CorrectionRows:
+    """The 2K rows of one click: U rows first, then E rows (padding rows have valid = 0)."""
+
+    coords: torch.Tensor    # (2K, 3) int64 region voxels; (0, 0, 0) for padding
+    features: torch.Tensor  # (2K, ROW_FEATURES) float32
+    valid: torch.Tensor     # (2K,) bool
+
+
+def _pad_rows(coords: np.ndarray, values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = min(len(coords), k)
+    c = np.zeros((k, 3), np.int64)
+    v = np.zeros((k,), np.float32)
+    valid = np.zeros((k,), bool)
+    c[:n], v[:n], valid[:n] = coords[:n], values[:n], True
+    return c, v, valid
+
+
+def uncertain_points(prob: np.ndarray, k: int, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """The K voxels with τ < p < 1 − τ closest to 0.5 (ties by raster order): coords (n, 3), probs (n,)."""
+    flat = prob.reshape(-1)
+    candidates = np.flatnonzero((flat > tau) & (flat < 1 - tau))
+    if len(candidates) > k:
+        score = np.abs(flat[candidates] - 0.5)
+        keep = np.argpartition(score, k - 1)[:k]
+        candidates = candidates[keep]
+    score = np.abs(flat[candidates] - 0.5)
+    candidates = candidates[np.lexsort((candidates, score))]
+    return np.stack(np.unravel_index(candidates, prob.shape), axis=1), flat[candidates]
+
+
+def error_points(pred: np.ndarray, clicks: np.ndarray, labels: np.ndarray, k: int,
+                 radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels within ``radius`` of a click whose prediction disagrees with that click's label, nearest first:
+    coords (n, 3), the disagreeing click's label (n,)."""
+    found_c, found_l, found_d = [], [], []
+    r = int(math.ceil(radius))
+    shape = np.asarray(pred.shape)
+    for click, label in zip(clicks, labels):
+        lo = np.maximum(click - r, 0)
+        hi = np.minimum(click + r + 1, shape)
+        box = pred[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        grid = np.indices(box.shape).reshape(3, -1).T + lo
+        dist = np.sqrt(((grid - click) ** 2).sum(axis=1))
+        wrong = (dist <= radius) & (box.reshape(-1) != bool(label))
+        found_c.append(grid[wrong])
+        found_l.append(np.full(int(wrong.sum()), float(label), np.float32))
+        found_d.append(dist[wrong])
+    if not found_c:
+        return np.zeros((0, 3), np.int64), np.zeros((0,), np.float32)
+    coords, lab, dist = np.concatenate(found_c), np.concatenate(found_l), np.concatenate(found_d)
+    order = np.lexsort((np.ravel_multi_index(coords.T, pred.shape), dist))[:k]
+    return coords[order], lab[order]
+
+
+def build_rows(prob: np.ndarray, clicks: np.ndarray, labels: np.ndarray, config: CorrectionConfig) -> CorrectionRows:
+    """U and E rows of the region's probabilities (K, J, I) given all clicks so far (newest last)."""
+    k = config.k
+    u_coords, u_prob = uncertain_points(prob, k, config.tau)
+    e_coords, e_label = error_points(prob > 0.5, clicks, labels, k, config.error_radius)
+    uc, uv, uvalid = _pad_rows(u_coords, u_prob, k)
+    ec, ev, evalid = _pad_rows(e_coords, e_label, k)
+    coords = np.concatenate([uc, ec])
+    valid = np.concatenate([uvalid, evalid])
+    scale = np.maximum(np.asarray(prob.shape, np.float32) - 1, 1)
+    newest, polarity = clicks[-1].astype(np.float32) / scale, float(labels[-1])
+    features = np.zeros((2 * k, ROW_FEATURES), np.float32)
+    features[k:, 0] = 1.0  # which set the row belongs to
+    features[:, 1:4] = coords / scale
+    features[:, 4] = np.concatenate([uv, ev])
+    features[:, 5] = valid
+    features[:, 6:9] = newest
+    features[:, 9] = polarity
+    features[~valid] = 0.0
+    return CorrectionRows(torch.from_numpy(coords), torch.from_numpy(features), torch.from_numpy(valid))
+
+
+class ClickCorrector(nn.Module):
+    """Row encoder -> masked mean/max pooling -> GRU cell (state across clicks) -> per-row logit delta.
+
+    Weights live under ``correction.`` in the project's checkpoints. The head starts at zero so that an
+    untrained module leaves SegVol's prediction unchanged.
+    """
+
+    def __init__(self, config: CorrectionConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.row_dim
+        self.row_encoder = nn.Sequential(nn.Linear(ROW_FEATURES, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU())
+        self.gru = nn.GRUCell(2 * d, config.hidden_size)
+        self.head = nn.Sequential(nn.Linear(d + config.hidden_size, d), nn.ReLU(), nn.Linear(d, 1))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def initial_state(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.zeros(1, self.config.hidden_size, device=device)
+
+    def forward(self, rows: CorrectionRows, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, hidden (1, H)) -> (delta (2K,) in logit units, zero on padding rows; new hidden (1, H))."""
+        device = hidden.device
+        feats, valid = rows.features.to(device), rows.valid.to(device)
+        emb = self.row_encoder(feats)
+        weight = valid.float().unsqueeze(-1)
+        mean = (emb * weight).sum(0) / weight.sum().clamp(min=1.0)
+        peak = torch.where(valid.unsqueeze(-1), emb, torch.zeros_like(emb)).max(dim=0).values
+        hidden = self.gru(torch.cat([mean, peak]).unsqueeze(0), hidden)
+        delta = self.head(torch.cat([emb, hidden.expand(emb.shape[0], -1)], dim=-1)).squeeze(-1)
+        return delta * valid.float(), hidden
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    r = max(int(math.ceil(2.5 * sigma)), 1)
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    return torch.exp(-0.5 * (x / sigma) ** 2)
+
+
+def _separable_blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    kernel = _gaussian_kernel(sigma).to(volume)
+    r = (kernel.numel() - 1) // 2
+    x = volume[None, None]
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = kernel.numel()
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        x = F.conv3d(F.pad(x, pad), kernel.reshape(shape))
+    return x[0, 0]
+
+
+def apply_deltas(logits: torch.Tensor, rows: CorrectionRows, delta: torch.Tensor, click: np.ndarray,
+                 config: CorrectionConfig) -> torch.Tensor:
+    """Corrected copy of region ``logits`` (K, J, I).
+
+    sparse: each valid row's delta is added at its voxel. spread: deltas of rows within ``error_radius`` of the
+    newest click become a smooth field (a kernel-weighted average of nearby deltas, σ = ``spread_sigma``), applied
+    inside that ball; rows outside the ball are written sparsely. Padding rows are never written.
+    """
+    out = logits.clone()
+    valid = rows.valid.to(logits.device)
+    coords = rows.coords.to(logits.device)[valid]
+    d = delta.to(logits.dtype)[valid]
+    if config.write_back == "sparse" or len(coords) == 0:
+        return out.index_put((coords[:, 0], coords[:, 1], coords[:, 2]), d, accumulate=True)
+    c = torch.as_tensor(click, device=logits.device)
+    near = ((coords - c).float().pow(2).sum(1).sqrt() <= config.error_radius)
+    far_coords, far_d = coords[~near], d[~near]
+    out = out.index_put((far_coords[:, 0], far_coords[:, 1], far_coords[:, 2]), far_d, accumulate=True)
+    if not bool(near.any()):
+        return out
+    r = int(math.ceil(config.error_radius))
+    shape = torch.tensor(logits.shape, device=logits.device)
+    lo = torch.clamp(c - r, min=0)
+    hi = torch.minimum(c + r + 1, shape)
+    local = coords[near] - lo
+    size = tuple((hi - lo).tolist())
+    values = torch.zeros(size, device=logits.device, dtype=logits.dtype)
+    weights = torch.zeros(size, device=logits.device, dtype=logits.dtype)
+    values = values.index_put((local[:, 0], local[:, 1], local[:, 2]), d[near], accumulate=True)
+    weights = weights.index_put((local[:, 0], local[:, 1], local[:, 2]), torch.ones_like(d[near]), accumulate=True)
+    field = _separable_blur(values, config.spread_sigma) / _separable_blur(weights, config.spread_sigma).clamp(min=1e-3)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, device=logits.device) for n in size], indexing="ij"), -1)
+    inside = ((grid + lo - c).float().pow(2).sum(-1).sqrt() <= config.error_radius).to(logits.dtype)
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo.tolist(), hi.tolist()))
+    out[sl] = out[sl] + field * inside
+    return out
+
+
+def fuse(previous: torch.Tensor, new: torch.Tensor, origin: tuple[int, int, int], click: np.ndarray,
+         config: CorrectionConfig) -> torch.Tensor:
+    """Multi-round fusion of logits of a region whose first voxel is ``origin`` in the click's coordinates:
+    beyond ``fusion_radius`` (Euclidean voxels) from the newest click a voxel keeps its previous value unless the
+    new probability is confident (outside the fusion band)."""
+    lo_p, hi_p = config.fusion_band
+    lo_logit, hi_logit = math.log(lo_p / (1 - lo_p)), math.log(hi_p / (1 - hi_p))
+    axes = [torch.arange(n, device=new.device, dtype=torch.float32) + o - float(c)
+            for n, o, c in zip(new.shape, origin, click)]
+    dist2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
+    far = dist2 > config.fusion_radius ** 2
+    confident = (new < lo_logit) | (new > hi_logit)
+    return torch.where(far & ~confident, previous, new)

@@ -1,0 +1,423 @@
+"""Interactive sessions: one structure of one volume, refined click by click (``mode="interactive"``).
+
+Only the user's prompts reach SegVol: the box (clipped to each window) and every click with its true polarity, in
+the zoom-out pass and in every window that contains it. The zoom-in ROI (zoom-out mask ∪ box ∪ clicks, padded the
+official way) is frozen after the first prompt; a click inside it re-decodes only the windows that contain it, a
+click outside it adds a window around it. After SegVol, the stateful GRU correction and the multi-round fusion run
+(see :mod:`segvolgru.correction`). Every step can be undone and redone exactly; replaying the prompt list rebuilds
+a bit-identical session. Prompts are (K, J, I) voxel indices of the volume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .cache import EmbeddingCache, content_key
+from .correction import CorrectionConfig, apply_deltas, build_rows, fuse
+from .engine import Engine, PreparedVolume, Roi
+from .errors import InputError
+from .inference import SegmentResult, engine_for, official_roi, prompts_in_crop, roi_slices
+from .network import SegVol
+from .prompts import EMPTY_BOX, box_cube, box_to_zoom_out, clip_box, points_to_zoom_out, upsample_nearest
+from .prompts import validate_box, validate_points
+from .windows import WindowGrid, window_grid
+
+_FLOOR_LOGIT = -20.0
+MAX_HISTORY = 50
+
+
+@dataclass
+class SessionResult:
+    """The mask after a step, the inclusive (k0, j0, i0, k1, j1, i1) volume extent that changed (None: nothing
+    did) and seconds per stage."""
+
+    mask: np.ndarray
+    changed_extent: tuple[int, int, int, int, int, int] | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Region:
+    """A zoom-in region: inclusive crop box, its window grid and the padded image under it."""
+
+    box: Roi
+    grid: WindowGrid
+    padded_image: torch.Tensor
+
+    @property
+    def start(self) -> np.ndarray:
+        return np.asarray(self.box[:3])
+
+
+@dataclass
+class _State:
+    logits: torch.Tensor
+    regions: list[_Region]
+    hidden: torch.Tensor | None
+
+
+@dataclass
+class _Step:
+    prompt: dict
+    hidden_before: torch.Tensor | None = None
+    hidden_after: torch.Tensor | None = None
+    writes: list[tuple[tuple[slice, ...], torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    regions_before: int = 0
+    new_regions: list[_Region] = field(default_factory=list)
+    before: _State | None = None  # set for steps that rebuild the whole state
+    after: _State | None = None
+
+
+def fingerprint(volume: np.ndarray) -> tuple:
+    """Shape, dtype and 4096 fixed voxels: a cheap check that the caller's array did not change."""
+    flat = volume.reshape(-1)
+    index = np.linspace(0, flat.size - 1, num=min(4096, flat.size)).astype(np.int64)
+    return volume.shape, volume.dtype.str, flat[index].tobytes()
+
+
+class InteractiveSession:
+    """Box and clicks on one structure, with undo/redo, exact replay and a GRU state carried across clicks.
+
+    Settings: ``overlap`` (0.5), ``gru`` (True; the correction runs when the model has a correction module),
+    ``text`` (None), and the correction switches of :class:`CorrectionConfig` (``write_back``, ``fusion``, ``k``,
+    ``tau``, ``error_radius``, ``fusion_radius``, ``fusion_band``, ``spread_sigma``) overriding the model's.
+    """
+
+    def __init__(self, model: SegVol, volume: np.ndarray, spacing=None, cache: EmbeddingCache | None = None,
+                 **settings) -> None:
+        if not isinstance(volume, np.ndarray):
+            raise InputError(f"volume must be a numpy array in (K, J, I) order, got {type(volume).__name__}")
+        self.engine: Engine = engine_for(model, cache)
+        self.model = model
+        self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
+        self.overlap = float(settings.pop("overlap", 0.5))
+        self.gru = bool(settings.pop("gru", True))
+        self.text = settings.pop("text", None)
+        base = model.correction.config if model.correction is not None else CorrectionConfig()
+        try:
+            self.correction_config = dataclasses.replace(base, **settings)
+        except TypeError as exc:
+            raise InputError(f"unknown session setting: {exc}") from None
+        self._caller = volume
+        self._fingerprint = fingerprint(volume)
+        self._volume = np.array(volume, copy=True)
+        self._volume.setflags(write=False)
+        self._prepared: PreparedVolume = self.engine.prepare(self._volume, content_key(self._volume))
+        self._text_emb = self.engine.text_embedding(self.text)
+        self._window_logits: dict[tuple, torch.Tensor] = {}
+        self.prompts: list[dict] = []
+        self._history: list[_Step] = []
+        self._redo: list[_Step] = []
+        self._state = self._empty_state()
+        self.mask = np.zeros(self._volume.shape, np.uint8)
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def correction_active(self) -> bool:
+        return self.gru and self.model.correction is not None
+
+    @property
+    def hidden_state(self) -> torch.Tensor | None:
+        return None if self._state.hidden is None else self._state.hidden.clone()
+
+    def set_box(self, box_kji) -> SessionResult:
+        """Set (or replace) the box; replacing it rebuilds the session with the existing clicks."""
+        self._check_volume()
+        box = validate_box(box_kji, self._volume.shape)
+        return self._push({"type": "box", "box": list(box)})
+
+    def add_click(self, voxel_kji, positive: bool) -> SessionResult:
+        """Add one click at a (k, j, i) voxel; ``positive`` True adds, False removes."""
+        self._check_volume()
+        pts, _ = validate_points([voxel_kji], [1 if positive else 0], self._volume.shape)
+        return self._push({"type": "click", "voxel": [int(v) for v in pts[0]], "positive": bool(positive)})
+
+    def undo(self) -> SessionResult:
+        if not self._history:
+            raise InputError("nothing to undo: this session has no prompts yet")
+        step = self._history.pop()
+        old_mask = self.mask
+        if step.before is not None:
+            self._state = step.before
+            self.mask = self._full_mask()
+        else:
+            for sl, old, _ in reversed(step.writes):
+                self._state.logits[sl] = old
+            del self._state.regions[step.regions_before:]
+            self._state.hidden = step.hidden_before
+            self.mask = self._full_mask() if step.writes else self.mask
+        self.prompts.pop()
+        self._redo.append(step)
+        return SessionResult(self.mask.copy(), _changed_extent(old_mask, self.mask))
+
+    def redo(self) -> SessionResult:
+        if not self._redo:
+            raise InputError("nothing to redo")
+        step = self._redo.pop()
+        old_mask = self.mask
+        if step.after is not None:
+            self._state = step.after
+        else:
+            for sl, _, new in step.writes:
+                self._state.logits[sl] = new
+            self._state.regions.extend(step.new_regions)
+            self._state.hidden = step.hidden_after
+        self.mask = self._full_mask()
+        self.prompts.append(step.prompt)
+        self._history.append(step)
+        return SessionResult(self.mask.copy(), _changed_extent(old_mask, self.mask))
+
+    def reset(self) -> SessionResult:
+        """Forget every prompt and the GRU state (not undoable); the mask becomes empty."""
+        old_mask = self.mask
+        self.prompts, self._history, self._redo = [], [], []
+        self._state = self._empty_state()
+        self.mask = np.zeros(self._volume.shape, np.uint8)
+        return SessionResult(self.mask.copy(), _changed_extent(old_mask, self.mask))
+
+    def settings(self) -> dict:
+        """Plain data that, with the prompts, reproduces this session exactly."""
+        return {"overlap": self.overlap, "gru": self.gru, "text": self.text, **self.correction_config.to_dict()}
+
+    @classmethod
+    def replay(cls, model: SegVol, volume: np.ndarray, prompts: list[dict], spacing=None,
+               cache: EmbeddingCache | None = None, **settings) -> "InteractiveSession":
+        """A new session with ``prompts`` applied in order: bit-identical to the session that recorded them."""
+        session = cls(model, volume, spacing=spacing, cache=cache, **settings)
+        for prompt in prompts:
+            if prompt.get("type") == "box":
+                session.set_box(prompt["box"])
+            elif prompt.get("type") == "click":
+                session.add_click(prompt["voxel"], bool(prompt["positive"]))
+            else:
+                raise InputError(f"unknown prompt {prompt!r}: expected type 'box' or 'click'")
+        return session
+
+    # ----------------------------------------------------------------- steps
+    def _push(self, prompt: dict) -> SessionResult:
+        started = time.perf_counter()
+        old_mask = self.mask
+        incremental = prompt["type"] == "click" and self._state.regions
+        if incremental:
+            step = self._click_step(prompt)
+        else:
+            before = self._state
+            after = self._compute(self.prompts + [prompt])
+            step = _Step(prompt, before=before, after=after)
+            self._state = after
+            self.mask = self._full_mask()
+        self.prompts.append(prompt)
+        self._history.append(step)
+        self._history = self._history[-MAX_HISTORY:]
+        self._redo.clear()
+        timings = {"total_s": time.perf_counter() - started}
+        return SessionResult(self.mask.copy(), _changed_extent(old_mask, self.mask), timings)
+
+    def _empty_state(self) -> _State:
+        return _State(torch.full(self._prepared.crop_shape, _FLOOR_LOGIT), [], None)
+
+    def _clicks(self, prompts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        clicks = [p for p in prompts if p["type"] == "click"]
+        if not clicks:
+            return np.zeros((0, 3), np.int64), np.zeros((0,), np.int64)
+        pts = np.asarray([c["voxel"] for c in clicks], np.int64)
+        return pts, np.asarray([int(c["positive"]) for c in clicks], np.int64)
+
+    def _box(self, prompts: list[dict]):
+        boxes = [p["box"] for p in prompts if p["type"] == "box"]
+        return tuple(boxes[-1]) if boxes else None
+
+    def _compute(self, prompts: list[dict]) -> _State:
+        """A fresh state from the first prompt, then each later click incrementally (no history kept)."""
+        box = self._box(prompts)
+        clicks = [p for p in prompts if p["type"] == "click"]
+        first = [] if box is not None else clicks[:1]
+        state = self._start(box, first)
+        saved, self._state = self._state, state
+        try:
+            done = list(first) + ([{"type": "box", "box": list(box)}] if box is not None else [])
+            for click in clicks[len(first):]:
+                self._click_step(click, done)
+                done.append(click)
+        finally:
+            self._state = saved
+        return state
+
+    def _start(self, box, first_clicks: list[dict]) -> _State:
+        prepared = self._prepared
+        pts, labels = self._clicks(first_clicks)
+        crop_box, crop_pts = prompts_in_crop(prepared, box, pts)
+        spatial = self.engine.window
+        zoom_box = box_to_zoom_out(crop_box, prepared.crop_shape, spatial) if crop_box is not None else None
+        zoom_pts = points_to_zoom_out(crop_pts, prepared.crop_shape, spatial) if len(crop_pts) else crop_pts
+        low = self.engine.decode(self.engine.zoom_out_embedding(prepared), ("zoom_out", prepared.key), zoom_box,
+                                 zoom_pts, labels, self._text_emb, self.text)
+        logits = upsample_nearest(self.engine.upsample(low), prepared.crop_shape)
+        seed = torch.sigmoid(logits) > 0.5
+        if crop_box is not None:
+            seed |= box_cube(crop_box, prepared.crop_shape).bool()
+        for p in crop_pts:
+            seed[tuple(p)] = True
+        state = _State(logits, [], None)
+        roi = official_roi(seed, spatial)
+        saved, self._state = self._state, state
+        try:
+            region = self._new_region(roi)
+            state.regions.append(region)
+            new = self._decode_region(region, crop_box, crop_pts, labels, range(len(region.grid.starts)))
+            logits[roi_slices(roi)] = new
+            if len(crop_pts) and self.correction_active:
+                self._correct(state, crop_pts, labels, previous=None)
+        finally:
+            self._state = saved
+        return state
+
+    def _new_region(self, box: Roi) -> _Region:
+        shape = tuple(b - a + 1 for a, b in zip(box[:3], box[3:]))
+        grid = window_grid(shape, self.engine.window, self.overlap)
+        return _Region(box, grid, grid.pad(self._prepared.image[roi_slices(box)]))
+
+    def _window_prompts(self, region: _Region, index: int, crop_box, crop_pts, labels):
+        offset = region.start - np.asarray(region.grid.pad_before) + np.asarray(region.grid.starts[index])
+        window = region.grid.window
+        box = EMPTY_BOX
+        if crop_box is not None:
+            local = (*(np.asarray(crop_box[:3]) - offset), *(np.asarray(crop_box[3:]) - offset))
+            box = clip_box(tuple(int(v) for v in local), window) or EMPTY_BOX
+        pts = lab = None
+        if len(crop_pts):
+            local_pts = crop_pts - offset
+            inside = np.all((local_pts >= 0) & (local_pts < np.asarray(window)), axis=1)
+            if inside.any():
+                pts, lab = local_pts[inside], labels[inside]
+        return box, pts, lab
+
+    def _window_logits_for(self, region_index: int, region: _Region, index: int, crop_box, crop_pts, labels):
+        box, pts, lab = self._window_prompts(region, index, crop_box, crop_pts, labels)
+        key = (region.box, index, box, None if pts is None else (pts.tobytes(), lab.tobytes()))
+        cached = self._window_logits.get(key)
+        if cached is None:
+            emb = self.engine.window_embedding(self._prepared, region.box, region.grid, index, region.padded_image)
+            low = self.engine.decode(emb, ("window", self._prepared.key, region.box, region.grid.starts[index]),
+                                     box, pts, lab, self._text_emb, self.text)
+            cached = self.engine.upsample(low)
+            if len(self._window_logits) > 4 * len(region.grid.starts) + 64:
+                self._window_logits.clear()
+            self._window_logits[key] = cached
+        return cached
+
+    def _decode_region(self, region: _Region, crop_box, crop_pts, labels, indices) -> torch.Tensor:
+        """Stitched SegVol logits of a whole region (K, J, I) from its windows' current prompts."""
+        grid = region.grid
+        total = torch.zeros(grid.padded_shape)
+        count = torch.zeros(grid.padded_shape)
+        region_index = self._state.regions.index(region) if region in self._state.regions else -1
+        for index in range(len(grid.starts)):
+            sl = grid.window_slices(index)
+            total[sl] += self._window_logits_for(region_index, region, index, crop_box, crop_pts, labels)
+            count[sl] += 1
+        return grid.unpad(total / count)
+
+    def _click_step(self, prompt: dict, done: list[dict] | None = None) -> _Step:
+        prompts = (self.prompts if done is None else done) + [prompt]
+        step = _Step(prompt, hidden_before=self._state.hidden, regions_before=len(self._state.regions))
+        pts, labels = self._clicks(prompts)
+        crop_box, crop_pts = prompts_in_crop(self._prepared, self._box(prompts), pts)
+        click = crop_pts[-1]
+        region = next((r for r in reversed(self._state.regions)
+                       if all(r.box[a] <= click[a] <= r.box[a + 3] for a in range(3))), None)
+        if region is None:
+            region = self._new_region(self._window_around(click))
+            self._state.regions.append(region)
+            step.new_regions.append(region)
+        previous = self._state.logits[roi_slices(region.box)].clone()
+        new = self._decode_region(region, crop_box, crop_pts, labels, None)
+        self._write(step, roi_slices(region.box), new)
+        if self.correction_active:
+            self._correct(self._state, crop_pts, labels, previous, step, region)
+        step.hidden_after = self._state.hidden
+        if done is None:
+            self.mask = self._full_mask() if step.writes else self.mask
+        return step
+
+    def _window_around(self, click: np.ndarray) -> Roi:
+        shape = np.asarray(self._prepared.crop_shape)
+        size = np.minimum(np.asarray(self.engine.window), shape)
+        lo = np.clip(click - size // 2, 0, shape - size)
+        return (*map(int, lo), *map(int, lo + size - 1))  # type: ignore[return-value]
+
+    def _correct(self, state: _State, crop_pts, labels, previous, step: _Step | None = None,
+                 region: _Region | None = None) -> None:
+        """GRU correction of the region of the newest click, then fusion with the previous logits."""
+        region = region or state.regions[0]
+        sl = roi_slices(region.box)
+        logits = state.logits[sl]
+        local_clicks = crop_pts - region.start
+        inside = np.all((local_clicks >= 0) & (local_clicks < np.asarray(logits.shape)), axis=1)
+        config = self.correction_config
+        rows = build_rows(torch.sigmoid(logits).numpy(), local_clicks[inside], labels[inside], config)
+        hidden = state.hidden if state.hidden is not None else self.model.correction.initial_state()
+        with torch.inference_mode():
+            delta, hidden = self.model.correction(rows, hidden)
+            corrected = apply_deltas(logits, rows, delta, local_clicks[-1], config)
+            if previous is not None and config.fusion:
+                corrected = fuse(previous, corrected, (0, 0, 0), local_clicks[-1], config)
+        state.hidden = hidden.clone()
+        if step is None:
+            state.logits[sl] = corrected
+        else:
+            self._write(step, sl, corrected)
+
+    def _write(self, step: _Step, sl: tuple[slice, ...], new: torch.Tensor) -> None:
+        step.writes.append((sl, self._state.logits[sl].clone(), new.clone()))
+        self._state.logits[sl] = new
+
+    def _full_mask(self) -> np.ndarray:
+        mask = np.zeros(self._volume.shape, np.uint8)
+        crop = tuple(slice(a, b) for a, b in zip(self._prepared.pre.crop_start, self._prepared.pre.crop_stop))
+        mask[crop] = (torch.sigmoid(self._state.logits) > 0.5).numpy()
+        return mask
+
+    def _check_volume(self) -> None:
+        if fingerprint(self._caller) != self._fingerprint:
+            raise InputError("the volume changed since this session started (its shape, type or voxels differ): "
+                             "start a new session on the new volume; prompts can be replayed with "
+                             "InteractiveSession.replay")
+
+
+def _changed_extent(old: np.ndarray, new: np.ndarray):
+    diff = old != new
+    if not diff.any():
+        return None
+    lo, hi = [], []
+    for axis in range(3):
+        hits = np.flatnonzero(diff.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo.append(int(hits[0]))
+        hi.append(int(hits[-1]))
+    return (*lo, *hi)
+
+
+def replay_segment(engine: Engine, volume: np.ndarray, *, box=None, points=None, point_labels=None, text=None,
+                   trace: bool = False, overlap: float = 0.5, zoom_in: bool = True) -> SegmentResult:
+    """``segment(mode="interactive")``: a fresh session, the box, then the points in array order."""
+    pts, labels = validate_points(points, point_labels, volume.shape)
+    box = validate_box(box, volume.shape)
+    if box is None and not len(pts):
+        raise InputError("interactive mode needs a box or at least one click")
+    session = InteractiveSession(engine.model, volume, cache=engine.cache, overlap=overlap, text=text)
+    started = time.perf_counter()
+    if box is not None:
+        session.set_box(box)
+    for p, lab in zip(pts, labels):
+        session.add_click(tuple(p), bool(lab))
+    logits = session._state.logits.numpy().copy()
+    roi = session._state.regions[0].box if session._state.regions else None
+    result = SegmentResult(session.mask.copy(), logits, tuple(session._prepared.pre.crop_start),
+                           {"total_s": time.perf_counter() - started})
+    if trace:
+        result.roi = roi
+    return result
