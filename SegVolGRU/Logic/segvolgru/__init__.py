@@ -17,6 +17,20 @@ _PUBLIC = {
     "build_model": "segvolgru.network",
     "load_model": "segvolgru.checkpoint",
     "CheckpointError": "segvolgru.checkpoint",
+    "save_checkpoint": "segvolgru.checkpoint",
+    "preprocess": "segvolgru.preprocess",
+    "Preprocessed": "segvolgru.preprocess",
+    "segment": "segvolgru.inference",
+    "SegmentResult": "segvolgru.inference",
+    "InteractiveSession": "segvolgru.session",
+    "SessionResult": "segvolgru.session",
+    "EmbeddingCache": "segvolgru.cache",
+    "CorrectionConfig": "segvolgru.correction",
+    "InputError": "segvolgru.errors",
+    "WeightsError": "segvolgru.errors",
+    "resolve_weights": "segvolgru.weights",
+    "download_official_weights": "segvolgru.weights",
+    "demo_model_path": "segvolgru.demo_model",
 }
 
 __all__ = sorted(_PUBLIC)
