@@ -25,9 +25,14 @@ from .segment_writer import (
     write_segment_mask,
 )
 from .volumes import load_volume, new_volume_node, volume_array_kji, volume_spacing_kji
+from .workflow import PredictionError, SegmentationWorkflow, Step, StepStatus
 
 __all__ = [
     "HeadlessSlicer",
+    "PredictionError",
+    "SegmentationWorkflow",
+    "Step",
+    "StepStatus",
     "create_segment_editor",
     "ensure_segment",
     "ijk_to_world_matrix",
