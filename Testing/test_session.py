@@ -1,0 +1,214 @@
+"""Interactive session and GRU correction mechanics (tiny model, live random correction head)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine_support import ct_like, tiny_model
+from segvolgru import InteractiveSession, segment
+from segvolgru.cache import EmbeddingCache
+from segvolgru.correction import CorrectionConfig, apply_deltas, build_rows, error_points, fuse, uncertain_points
+from segvolgru.errors import InputError
+
+BOX = (10, 30, 20, 29, 69, 59)
+CORRECTION = {"k": 50, "hidden_size": 32, "row_dim": 16}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(CORRECTION)
+
+
+@pytest.fixture()
+def volume():
+    return ct_like()
+
+
+def _session(model, volume, **settings):
+    return InteractiveSession(model, volume, cache=EmbeddingCache(), **settings)
+
+
+def test_undo_redo_restore_the_exact_mask_and_gru_state(model, volume):
+    s = _session(model, volume)
+    s.set_box(BOX)
+    masks, states = [s.mask.copy()], [s.hidden_state]
+    for click, positive in [((20, 50, 40), True), ((12, 35, 30), False), ((25, 60, 50), True)]:
+        s.add_click(click, positive)
+        masks.append(s.mask.copy())
+        states.append(s.hidden_state)
+    for n in (2, 1, 0):
+        s.undo()
+        np.testing.assert_array_equal(s.mask, masks[n])
+        assert (s.hidden_state is None) == (states[n] is None)
+        if states[n] is not None:
+            assert torch.equal(s.hidden_state, states[n])
+    for n in (1, 2, 3):
+        s.redo()
+        np.testing.assert_array_equal(s.mask, masks[n])
+        assert torch.equal(s.hidden_state, states[n])
+
+
+def test_replay_from_the_prompt_list_is_bit_identical(model, volume):
+    s = _session(model, volume)
+    s.set_box(BOX)
+    s.add_click((20, 50, 40), True)
+    s.add_click((35, 90, 85), False)
+    again = InteractiveSession.replay(model, volume, s.prompts, cache=EmbeddingCache(), **s.settings())
+    np.testing.assert_array_equal(again.mask, s.mask)
+    assert torch.equal(again.hidden_state, s.hidden_state)
+    np.testing.assert_array_equal(segment(model, volume, box=BOX, points=[(20, 50, 40), (35, 90, 85)],
+                                          point_labels=[1, 0], mode="interactive").mask, s.mask)
+
+
+def test_gru_state_is_carried_so_history_changes_the_correction(model, volume):
+    a, b = _session(model, volume), _session(model, volume)
+    a.set_box(BOX)
+    b.set_box(BOX)
+    b.add_click((12, 35, 30), False)
+    b.undo()
+    b.add_click((25, 60, 50), True)
+    a.add_click((22, 55, 45), True)
+    assert not torch.equal(a.hidden_state, b.hidden_state)
+    a.add_click((20, 50, 40), True)
+    b.add_click((20, 50, 40), True)
+    assert not torch.equal(a.hidden_state, b.hidden_state)
+
+
+def test_click_result_reports_the_extent_that_changed(model, volume):
+    s = _session(model, volume)
+    before = s.set_box(BOX).mask
+    result = s.add_click((20, 50, 40), False)
+    diff = np.argwhere(before != result.mask)
+    if len(diff):
+        assert result.changed_extent == (*diff.min(0), *diff.max(0))
+    else:
+        assert result.changed_extent is None
+
+
+def test_gru_off_equals_plain_segvol_and_gru_on_differs(model, volume):
+    off, on = _session(model, volume, gru=False, fusion=False), _session(model, volume, fusion=False)
+    for s in (off, on):
+        s.set_box(BOX)
+        s.add_click((20, 50, 40), True)
+    plain = tiny_model()
+    reference = _session(plain, volume)
+    reference.set_box(BOX)
+    reference.add_click((20, 50, 40), True)
+    np.testing.assert_array_equal(off.mask, reference.mask)
+    assert not torch.equal(on._state.logits, off._state.logits)
+
+
+def test_a_click_outside_the_roi_adds_a_window_around_it():
+    background = tiny_model()
+    with torch.no_grad():  # a decoder that predicts background everywhere, so the ROI is the box's alone
+        background.mask_decoder.output_upscaling[3].bias.fill_(3.0)
+        background.mask_decoder.output_hypernetworks_mlps[0].layers[2].weight.zero_()
+        background.mask_decoder.output_hypernetworks_mlps[0].layers[2].bias.fill_(-5.0)
+    volume = ct_like(shape=(40, 200, 190))
+    s = _session(background, volume, gru=False)
+    s.set_box((12, 20, 20, 20, 50, 50))
+    regions = len(s._state.regions)
+    roi = s._state.regions[0].box
+    far = (30, 190, 180)
+    assert not all(roi[a] <= far[a] - s._prepared.pre.crop_start[a] <= roi[a + 3] for a in range(3))
+    s.add_click(far, True)
+    assert len(s._state.regions) == regions + 1
+    s.undo()
+    assert len(s._state.regions) == regions
+
+
+def test_session_may_start_from_clicks_alone(model, volume):
+    s = _session(model, volume)
+    result = s.add_click((20, 50, 40), True)
+    assert result.mask.shape == volume.shape and s.prompts[0]["type"] == "click"
+
+
+def test_same_click_twice_is_accepted(model, volume):
+    s = _session(model, volume)
+    s.set_box(BOX)
+    s.add_click((20, 50, 40), True)
+    s.add_click((20, 50, 40), True)
+    assert len(s.prompts) == 3
+
+
+def test_bad_input_leaves_the_session_unchanged(model, volume):
+    s = _session(model, volume)
+    with pytest.raises(InputError, match="nothing to undo"):
+        s.undo()
+    s.set_box(BOX)
+    mask, prompts = s.mask.copy(), list(s.prompts)
+    with pytest.raises(InputError, match="outside the volume"):
+        s.add_click((40, 0, 0), True)
+    with pytest.raises(InputError, match="nothing to redo"):
+        s.redo()
+    volume[0, 0, 0] += 1
+    with pytest.raises(InputError, match="volume changed"):
+        s.add_click((20, 50, 40), True)
+    np.testing.assert_array_equal(s.mask, mask)
+    assert s.prompts == prompts
+
+
+def test_rows_pad_when_a_region_has_fewer_candidates_than_k():
+    prob = np.full((4, 5, 6), 0.99, np.float32)
+    prob[1, 2, 3] = 0.5
+    rows = build_rows(prob, np.array([[1, 2, 3]]), np.array([0]), CorrectionConfig(k=30))
+    assert rows.features.shape == (60, 10)
+    assert int(rows.valid[:30].sum()) == 1
+    assert int(rows.valid[30:].sum()) == 30  # 120 voxels wrongly foreground near a negative click, K kept
+    assert float(rows.features[~rows.valid].abs().sum()) == 0.0
+    assert rows.features[:, 1:4].max() <= 1.0
+
+
+def test_uncertain_and_error_sets_follow_their_rules():
+    prob = np.linspace(0, 1, 1000, dtype=np.float32).reshape(10, 10, 10)
+    coords, values = uncertain_points(prob, 5, 0.1)
+    assert np.all(np.abs(values - 0.5) <= np.abs(prob[(prob > 0.1) & (prob < 0.9)] - 0.5).min() + 0.003)
+    pred = np.zeros((9, 9, 9), bool)
+    found, labels = error_points(pred, np.array([[4, 4, 4]]), np.array([1]), 7, radius=1.0)
+    assert len(found) == 7 and tuple(found[0]) == (4, 4, 4) and set(labels) == {1.0}
+
+
+def test_padding_rows_are_never_written_and_sparse_writes_only_at_rows():
+    logits = torch.zeros(10, 10, 10)
+    prob = np.full((10, 10, 10), 0.5, np.float32)
+    config = CorrectionConfig(k=4, write_back="sparse")
+    rows = build_rows(prob, np.array([[5, 5, 5]]), np.array([1]), config)
+    rows.valid[1] = False
+    delta = torch.ones(8)
+    out = apply_deltas(logits, rows, delta * rows.valid, np.array([5, 5, 5]), config)
+    written = torch.nonzero(out).tolist()
+    valid_coords = {tuple(c) for c in rows.coords[rows.valid].tolist()}
+    assert {tuple(c) for c in written} <= valid_coords and len(written) > 0
+
+
+def test_spread_write_back_moves_the_mask_around_the_click():
+    logits = torch.full((30, 30, 30), -1.0)
+    prob = torch.sigmoid(logits).numpy()
+    config = CorrectionConfig(k=20, error_radius=6, spread_sigma=2)
+    rows = build_rows(prob, np.array([[15, 15, 15]]), np.array([1]), config)
+    out = apply_deltas(logits, rows, torch.full((40,), 3.0) * rows.valid, np.array([15, 15, 15]), config)
+    changed = (out > 0).sum().item()
+    assert changed > 40  # far more voxels than the 20 written rows
+    assert (out[:, :, :5] == -1.0).all()  # nothing beyond the error radius
+
+
+def test_fusion_keeps_previous_values_beyond_radius_unless_confident():
+    config = CorrectionConfig(fusion_radius=5)
+    prev = torch.full((1, 1, 30), -3.0)
+    new = torch.tensor([[[0.5] * 10 + [4.0] * 10 + [0.2] * 10]])
+    fused = fuse(prev, new, (0, 0, 0), np.array([0, 0, 2]), config)
+    assert torch.equal(fused[0, 0, :8], new[0, 0, :8])       # within R of the click: new values
+    assert (fused[0, 0, 8:10] == -3.0).all()                  # beyond R, unsure: previous
+    assert torch.equal(fused[0, 0, 10:20], new[0, 0, 10:20])  # beyond R, confident: new
+    assert (fused[0, 0, 20:] == -3.0).all()
+
+
+def test_untrained_head_leaves_segvol_unchanged():
+    from segvolgru.correction import ClickCorrector
+
+    module = ClickCorrector(CorrectionConfig(k=5, hidden_size=8, row_dim=4))
+    rows = build_rows(np.full((6, 6, 6), 0.5, np.float32), np.array([[2, 2, 2]]), np.array([1]), module.config)
+    with torch.no_grad():
+        delta, hidden = module(rows, module.initial_state())
+    assert float(delta.abs().sum()) == 0.0 and hidden.shape == (1, 8)
