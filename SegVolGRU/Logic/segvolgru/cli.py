@@ -1,0 +1,135 @@
+"""The ``segvolgru`` command line: demo, segment, bench, download-weights, train.
+
+Exit codes: 0 success; 2 bad input or usage; 3 weights missing or invalid; 1 anything unexpected (one line,
+the traceback only with ``--debug``). ``--json`` prints one JSON object as the last stdout line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import InputError, WeightsError
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_INPUT, EXIT_WEIGHTS = 0, 1, 2, 3
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.output, weights=args.weights, clicks=args.clicks, quiet=args.quiet or args.json)
+    if args.json:
+        print(json.dumps(summary))
+    return EXIT_OK
+
+
+def _bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main((["--quick"] if args.quick else []) + ["--device", args.device] +
+                      (["--json"] if args.json else []) + (["--threads", str(args.threads)] if args.threads else []))
+
+
+def _download(args) -> int:
+    from .weights import download_official_weights
+
+    path = download_official_weights(cache_dir=args.cache_dir, progress=not args.quiet)
+    print(json.dumps({"weights": str(path)}) if args.json else f"official SegVol weights verified at {path}")
+    return EXIT_OK
+
+
+def _segment(args) -> int:
+    from .segment_file import segment_file
+
+    report = segment_file(args.image, args.prompts, args.output, weights=args.weights, device=args.device,
+                          gru=not args.no_gru)
+    if args.json:
+        print(json.dumps(report))
+    elif not args.quiet:
+        print(f"wrote {report['output']} ({report['voxels']} voxels) with {report['weights']}")
+    return EXIT_OK
+
+
+def _train(args, rest: list[str]) -> int:
+    from .train import main as train_main
+
+    return int(train_main(rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segvolgru", description="SegVol + stateful GRU click correction.")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of unexpected errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--quiet", action="store_true", help="no progress or summary on the terminal")
+        p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+
+    demo = sub.add_parser("demo", help="headless box + 5 clicks workflow through real MRML (the main job)")
+    demo.add_argument("-o", "--output", default="out/demo", help="output folder (default out/demo)")
+    demo.add_argument("--weights", default=None, help="official weights file (default: resolver, else demo model)")
+    demo.add_argument("--clicks", type=int, default=5, help="number of simulated clicks (default 5)")
+    common(demo)
+    demo.set_defaults(run=_demo)
+
+    seg = sub.add_parser("segment", help="segment an image file from a prompts JSON file")
+    seg.add_argument("image", help="NIfTI, NRRD, MHA file or DICOM series folder")
+    seg.add_argument("prompts", help='JSON: {"coordinates": "voxel"|"LPS"|"RAS", "box": [[..],[..]], "clicks": [...]}')
+    seg.add_argument("-o", "--output", required=True, help="label image (.nii.gz, .nrrd) or .seg.nrrd")
+    seg.add_argument("--weights", default=None)
+    seg.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    seg.add_argument("--no-gru", action="store_true", help="switch the GRU correction off")
+    common(seg)
+    seg.set_defaults(run=_segment)
+
+    bench = sub.add_parser("bench", help="speed and memory figures (prints JSON)")
+    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--threads", type=int, default=None)
+    common(bench)
+    bench.set_defaults(run=_bench)
+
+    dl = sub.add_parser("download-weights", help="download and verify the official BAAI/SegVol release")
+    dl.add_argument("--cache-dir", default=None, help="cache folder (default $SEGVOLGRU_CACHE or ~/.cache/segvolgru)")
+    common(dl)
+    dl.set_defaults(run=_download)
+
+    train = sub.add_parser("train", help="train the correction module / a reduced SegVol (see 'train --help')",
+                           add_help=False)
+    train.set_defaults(run=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    debug = "--debug" in argv
+    try:
+        if argv and argv[0] == "train" or argv[:2] == ["--debug", "train"]:
+            rest = argv[argv.index("train") + 1:]
+            return _train(None, rest)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:
+            return EXIT_OK if exc.code in (0, None) else EXIT_INPUT
+        return args.run(args)
+    except InputError as exc:
+        print(f"segvolgru: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except WeightsError as exc:
+        print(f"segvolgru: weights: {exc}", file=sys.stderr)
+        return EXIT_WEIGHTS
+    except KeyboardInterrupt:
+        return EXIT_UNEXPECTED
+    except Exception as exc:  # noqa: BLE001 - the command line's last line of defence
+        if debug:
+            traceback.print_exc()
+        print(f"segvolgru: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
+              file=sys.stderr)
+        return EXIT_UNEXPECTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
