@@ -1,4 +1,4 @@
-"""The ``segvolgru`` command line: demo, segment, bench, download-weights, train.
+"""The ``segvolgru`` command line: demo, segment, evaluate, bench, download-weights, train.
 
 Exit codes: 0 success; 2 bad input or usage; 3 weights missing or invalid; 1 anything unexpected (one line,
 the traceback only with ``--debug``). ``--json`` prints one JSON object as the last stdout line.
@@ -52,6 +52,25 @@ def _segment(args) -> int:
     return EXIT_OK
 
 
+def _evaluate(args) -> int:
+    from .demo import pick_model
+    from .evaluate import evaluate_folder, find_cases
+
+    find_cases(args.data)  # a bad folder is a usage error before any weights load
+    loaded = pick_model(args.weights)
+    if not args.quiet:
+        print(f"weights: {loaded.description}", file=sys.stderr)
+    summary = evaluate_folder(args.data, args.output, loaded.model, gru=not args.no_gru, fusion=not args.no_fusion,
+                              cache=not args.no_cache, progress=not args.quiet)
+    summary["weights"] = loaded.description
+    if args.json:
+        print(json.dumps(summary))
+    elif not args.quiet:
+        print(f"{summary['cases']} cases: DSC-AUC {summary['dsc_auc']:.3f}, final DSC {summary['dsc_final']:.3f}, "
+              f"NSD-AUC {summary['nsd_auc']:.3f}; {len(summary['failed'])} failed; report in {args.output}")
+    return EXIT_OK
+
+
 def _train(args, rest: list[str]) -> int:
     from .train import main as train_main
 
@@ -83,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--no-gru", action="store_true", help="switch the GRU correction off")
     common(seg)
     seg.set_defaults(run=_segment)
+
+    ev = sub.add_parser("evaluate", help="the CVPR 2025 interactive protocol over a folder of cases")
+    ev.add_argument("data", help="folder of challenge .npz cases or <case>.nii.gz + <case>_label.nii.gz pairs")
+    ev.add_argument("-o", "--output", required=True, help="output folder (CSV per case, report.md, PNGs)")
+    ev.add_argument("--weights", default=None)
+    ev.add_argument("--no-gru", action="store_true", help="switch the GRU correction off")
+    ev.add_argument("--no-cache", action="store_true", help="no embedding cache (every encoder reruns)")
+    ev.add_argument("--no-fusion", action="store_true", help="switch the multi-round fusion off")
+    common(ev)
+    ev.set_defaults(run=_evaluate)
 
     bench = sub.add_parser("bench", help="speed and memory figures (prints JSON)")
     bench.add_argument("--quick", action="store_true")

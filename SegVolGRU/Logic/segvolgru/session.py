@@ -268,7 +268,7 @@ class InteractiveSession:
         try:
             region = self._new_region(roi)
             state.regions.append(region)
-            new = self._decode_region(region, crop_box, crop_pts, labels, range(len(region.grid.starts)))
+            new = self._decode_region(region, crop_box, crop_pts, labels)
             logits[roi_slices(roi)] = new
             if len(crop_pts) and self.correction_active:
                 self._correct(state, crop_pts, labels, previous=None)
@@ -296,7 +296,7 @@ class InteractiveSession:
                 pts, lab = local_pts[inside], labels[inside]
         return box, pts, lab
 
-    def _window_logits_for(self, region_index: int, region: _Region, index: int, crop_box, crop_pts, labels):
+    def _window_logits_for(self, region: _Region, index: int, crop_box, crop_pts, labels):
         box, pts, lab = self._window_prompts(region, index, crop_box, crop_pts, labels)
         key = (region.box, index, box, None if pts is None else (pts.tobytes(), lab.tobytes()))
         cached = self._window_logits.get(key)
@@ -310,15 +310,15 @@ class InteractiveSession:
             self._window_logits[key] = cached
         return cached
 
-    def _decode_region(self, region: _Region, crop_box, crop_pts, labels, indices) -> torch.Tensor:
-        """Stitched SegVol logits of a whole region (K, J, I) from its windows' current prompts."""
+    def _decode_region(self, region: _Region, crop_box, crop_pts, labels) -> torch.Tensor:
+        """Stitched SegVol logits of a whole region (K, J, I) from its windows' current prompts; windows whose
+        prompts did not change come from the cache, so only the windows holding a new click are decoded."""
         grid = region.grid
         total = torch.zeros(grid.padded_shape)
         count = torch.zeros(grid.padded_shape)
-        region_index = self._state.regions.index(region) if region in self._state.regions else -1
         for index in range(len(grid.starts)):
             sl = grid.window_slices(index)
-            total[sl] += self._window_logits_for(region_index, region, index, crop_box, crop_pts, labels)
+            total[sl] += self._window_logits_for(region, index, crop_box, crop_pts, labels)
             count[sl] += 1
         return grid.unpad(total / count)
 
@@ -335,7 +335,7 @@ class InteractiveSession:
             self._state.regions.append(region)
             step.new_regions.append(region)
         previous = self._state.logits[roi_slices(region.box)].clone()
-        new = self._decode_region(region, crop_box, crop_pts, labels, None)
+        new = self._decode_region(region, crop_box, crop_pts, labels)
         self._write(step, roi_slices(region.box), new)
         if self.correction_active:
             self._correct(self._state, crop_pts, labels, previous, step, region)
