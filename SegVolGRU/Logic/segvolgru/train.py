@@ -1,0 +1,319 @@
+"""``segvolgru train``: a reduced SegVol (no text tower) and its GRU click correction, trained together.
+
+One training step takes one generated phantom (or one image/label pair) at the model's input size, runs the official
+preprocessing, encodes it once, and for up to ``structures_per_step`` of its labels plays an interactive session as
+:class:`~segvolgru.session.InteractiveSession` does: a box prompt (the challenge's box rule), then rounds of the
+challenge's simulated corrective clicks on the current prediction (p > 0.5). Every click round re-decodes SegVol with
+the box and all clicks so far, builds the correction rows from the detached probabilities, runs the GRU cell with
+the hidden state carried from the previous round (gradients flow through it), writes the deltas back and fuses with
+the previous round's logits. The loss is Dice + BCE on the box step's logits and on every round's corrected logits.
+
+Every random draw of a step comes from generators seeded by (seed, step), so a resumed run repeats an uninterrupted
+one exactly. Volumes are (K, J, I) = (D, H, W) numpy arrays; prompts are voxel indices of the model input.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .checkpoint import save_checkpoint
+from .clicks import box_dict_to_kji, challenge_box, simulate_click
+from .config import SegVolConfig
+from .correction import CorrectionConfig, apply_deltas, build_rows, fuse
+from .errors import InputError
+from .network import SegVol, build_model
+from .phantoms import make_phantom
+from .preprocess import nearest_exact_indices, preprocess
+
+# Click rounds per structure: mostly 2-3, rarely 0 or 5 (the issue's schedule).
+CLICK_ROUNDS = (0, 1, 2, 3, 4, 5)
+CLICK_ROUND_WEIGHTS = (0.05, 0.1, 0.35, 0.35, 0.1, 0.05)
+# Training phantoms use seeds seed * PHANTOM_SEED_STRIDE + step; held-out sets use seeds from HELD_OUT_SEED_BASE.
+PHANTOM_SEED_STRIDE = 1_000_000
+HELD_OUT_SEED_BASE = 900_000_000
+
+DEMO_CONFIG = SegVolConfig(
+    spatial_size=(32, 96, 96), patch_size=(4, 16, 16), hidden_size=192, mlp_dim=768, num_layers=4, num_heads=6,
+    decoder_depth=2, decoder_heads=8, decoder_mlp_dim=768, iou_head_hidden_dim=64, text_tower=False,
+    correction=CorrectionConfig(hidden_size=192, row_dim=64).to_dict())
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation settings (learning rate per step, seconds for the time limits)."""
+
+    steps: int = 1500
+    seed: int = 0
+    lr: float = 4e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    structures_per_step: int = 2
+    checkpoint_every_s: float = 180.0
+    max_minutes: float | None = None
+
+
+@dataclass
+class Sample:
+    """A model-input-sized training example: normalised image (K, J, I) float32 in [0, 1], labels (K, J, I)."""
+
+    image: np.ndarray
+    labels: np.ndarray
+
+
+def prepare_sample(volume: np.ndarray, labels: np.ndarray, spatial_size: Sequence[int]) -> Sample:
+    """Official preprocessing of ``volume``; ``labels`` are cropped and resampled with the same nearest rule, so
+    that the pair is what the engine's zoom-out view sees."""
+    if volume.shape != labels.shape:
+        raise InputError(f"image {volume.shape} and labels {labels.shape} differ in shape: pass a matching pair")
+    pre = preprocess(volume, spatial_size)
+    crop = labels[tuple(slice(a, b) for a, b in zip(pre.crop_start, pre.crop_stop))]
+    index = [nearest_exact_indices(n, m) for n, m in zip(crop.shape, spatial_size)]
+    return Sample(pre.zoom_out, np.ascontiguousarray(crop[np.ix_(*index)]).astype(np.int16))
+
+
+def phantom_source(seed: int, spatial_size: Sequence[int]) -> Callable[[int], Sample]:
+    """The step -> sample function of the phantom recipe (phantom seed = seed * PHANTOM_SEED_STRIDE + step)."""
+    def sample(step: int) -> Sample:
+        volume, labels, _ = make_phantom(seed * PHANTOM_SEED_STRIDE + step, shape=tuple(spatial_size))
+        return prepare_sample(volume, labels, spatial_size)
+
+    return sample
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice loss + mean BCE of (K, J, I) logits against a {0, 1} float target."""
+    prob = torch.sigmoid(logits)
+    dice = (2 * (prob * target).sum() + 1.0) / (prob.sum() + target.sum() + 1.0)
+    return (1 - dice) + F.binary_cross_entropy_with_logits(logits, target)
+
+
+def hard_dice(logits: torch.Tensor, target: np.ndarray) -> float:
+    pred = (logits > 0).cpu().numpy()
+    total = pred.sum() + target.sum()
+    return float(2 * np.logical_and(pred, target).sum() / total) if total else 1.0
+
+
+def _decode(model: SegVol, embedding: torch.Tensor, box: tuple, clicks: list) -> torch.Tensor:
+    device = embedding.device
+    boxes = torch.tensor([box], dtype=torch.float32, device=device)
+    points = None
+    if clicks:
+        coords = torch.tensor([[c.k, c.j, c.i] for c in clicks], dtype=torch.float32, device=device)[None]
+        labels = torch.tensor([[float(c.positive) for c in clicks]], device=device)
+        points = (coords, labels)
+    return model.upsample(model.decode(embedding, boxes, points))[0, 0]
+
+
+def structure_session(model: SegVol, embedding: torch.Tensor, gt: np.ndarray, rounds: int,
+                      rng: np.random.Generator) -> tuple[torch.Tensor, list[float]]:
+    """Loss (summed over the box step and every click round) and the hard Dice after each step, for one
+    structure's binary mask ``gt`` (K, J, I); clicks stop early when the prediction equals ``gt``."""
+    config = model.correction.config
+    target = torch.from_numpy(gt.astype(np.float32)).to(embedding.device)
+    box = box_dict_to_kji(challenge_box(gt, rng))
+    logits = _decode(model, embedding, box, [])
+    loss = dice_bce_loss(logits, target)
+    dices = [hard_dice(logits.detach(), gt)]
+    hidden = model.correction.initial_state(embedding.device)
+    previous = logits.detach()
+    clicks = []
+    for _ in range(rounds):
+        click = simulate_click(previous.cpu().numpy() > 0, gt, seed=int(rng.integers(2 ** 31)))
+        if click is None:
+            break
+        clicks.append(click)
+        new = _decode(model, embedding, box, clicks)
+        points = np.array([[c.k, c.j, c.i] for c in clicks], np.int64)
+        polarity = np.array([int(c.positive) for c in clicks], np.int64)
+        rows = build_rows(torch.sigmoid(new.detach()).cpu().numpy(), points, polarity, config)
+        delta, hidden = model.correction(rows, hidden)
+        corrected = apply_deltas(new, rows, delta, points[-1], config)
+        if config.fusion:
+            corrected = fuse(previous, corrected, (0, 0, 0), points[-1], config)
+        loss = loss + dice_bce_loss(corrected, target)
+        dices.append(hard_dice(corrected.detach(), gt))
+        previous = corrected.detach()
+    return loss / len(dices), dices
+
+
+def _step_rng(seed: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step, 7])
+
+
+def train_step(model: SegVol, optimizer: torch.optim.Optimizer, sample: Sample, settings: TrainSettings,
+               step: int, device: torch.device) -> dict:
+    """One optimisation step on one sample; returns the step's log record."""
+    rng = _step_rng(settings.seed, step)
+    present = [int(v) for v in np.unique(sample.labels) if v > 0]
+    chosen = rng.permutation(present)[:settings.structures_per_step] if present else []
+    image = torch.from_numpy(sample.image)[None, None].to(device)
+    embedding = model.encode(image)
+    total = torch.zeros((), device=device)
+    box_dice, last_dice, clicks = [], [], 0
+    for value in chosen:
+        rounds = int(rng.choice(CLICK_ROUNDS, p=CLICK_ROUND_WEIGHTS))
+        loss, dices = structure_session(model, embedding, sample.labels == value, rounds, rng)
+        total = total + loss / len(chosen)
+        box_dice.append(dices[0])
+        last_dice.append(dices[-1])
+        clicks += len(dices) - 1
+    optimizer.zero_grad(set_to_none=True)
+    if len(chosen):
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+    return {"step": step, "loss": float(total.detach()), "box_dice": float(np.mean(box_dice)) if box_dice else None,
+            "final_dice": float(np.mean(last_dice)) if last_dice else None, "clicks": clicks}
+
+
+def _learning_rate(settings: TrainSettings, step: int) -> float:
+    warm = min(1.0, (step + 1) / max(settings.warmup_steps, 1))
+    progress = min(step / max(settings.steps, 1), 1.0)
+    return settings.lr * warm * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
+
+
+def _save_state(path: Path, model: SegVol, optimizer: torch.optim.Optimizer, step: int, log: list[dict],
+                recipe: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"config": model.config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "log": log, "recipe": recipe, "torch_rng": torch.get_rng_state(),
+                "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}, tmp)
+    tmp.replace(path)  # a crash while writing never leaves a truncated resume file
+
+
+def _load_state(path: Path, model: SegVol, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["config"] != model.config.to_dict():
+        raise InputError(f"{path} was written for another model configuration: resume with the configuration it "
+                         "was trained with, or start a new run in another folder")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    np.random.set_state(state["numpy_rng"])
+    random.setstate(state["python_rng"])
+    return int(state["step"]), list(state["log"])
+
+
+def train(config: SegVolConfig, out_dir: str | Path, settings: TrainSettings = TrainSettings(),
+          source: Callable[[int], Sample] | None = None, resume: bool = True, device: str = "auto",
+          recipe: dict | None = None, progress: bool = True, until: int | None = None) -> SegVol:
+    """Train ``config`` (which needs a ``correction`` entry) for ``settings.steps`` steps, or stop at step
+    ``until`` (the learning-rate schedule still spans ``settings.steps``, so a run split with ``until`` and resumed
+    equals an uninterrupted one).
+
+    ``out_dir`` receives ``train_state.pt`` (model, optimiser, step, RNG states, log; rewritten every
+    ``checkpoint_every_s`` seconds and at the end), ``loss_log.jsonl`` (one record per step) and ``model.pt``
+    (the project's checkpoint format, fp16, with the recipe). With ``resume`` an existing ``train_state.pt`` is
+    continued and the loss log is rewritten from it (records after its last save are dropped, then redone).
+    ``source(step)`` gives each step's sample (default: phantoms of the seed). ``device`` "auto" takes a GPU when
+    one is present. Returns the trained model in eval mode on the CPU.
+    """
+    if not config.correction:
+        raise InputError("the configuration has no correction module: set config.correction (e.g. "
+                         "CorrectionConfig().to_dict()) so that the GRU is trained with SegVol")
+    if config.text_tower:
+        raise InputError("training starts from scratch without a text tower: use text_tower=False")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if device == "auto" else device))
+    torch.manual_seed(settings.seed)
+    model = build_model(config).to(target).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    source = source or phantom_source(settings.seed, config.spatial_size)
+    state_path, log_path = out / "train_state.pt", out / "loss_log.jsonl"
+    step, log = (_load_state(state_path, model, optimizer) if resume and state_path.exists() else (0, []))
+    recipe = dict(recipe or {}, settings=dataclasses.asdict(settings))
+    started = time.perf_counter()
+    last_save = started
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=settings.steps, initial=step, file=sys.stderr, desc="train", dynamic_ncols=True)
+    stop = settings.steps if until is None else min(until, settings.steps)
+    with log_path.open("w") as log_file:
+        log_file.writelines(json.dumps(record) + "\n" for record in log)
+        while step < stop:
+            if settings.max_minutes is not None and time.perf_counter() - started > 60 * settings.max_minutes:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(settings, step)
+            t0 = time.perf_counter()
+            record = train_step(model, optimizer, source(step), settings, step, target)
+            record["seconds"] = time.perf_counter() - t0
+            log.append(record)
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", box=record["box_dice"], final=record["final_dice"])
+            if time.perf_counter() - last_save > settings.checkpoint_every_s:
+                _save_state(state_path, model, optimizer, step, log, recipe)
+                last_save = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    _save_state(state_path, model, optimizer, step, log, dict(recipe, device=str(target)))
+    export_model(state_path, out / "model.pt")
+    return model.eval().cpu()
+
+
+def export_model(state_path: str | Path, model_path: str | Path) -> dict:
+    """Write the shippable fp16 checkpoint ``{'config', 'model', 'recipe'}`` of a resume file (also of an
+    intermediate one); the recipe gains ``steps_done`` and ``wall_time_s`` (the summed step times). Returns it."""
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    model = build_model(SegVolConfig.from_dict(state["config"]))
+    model.load_state_dict(state["model"])
+    recipe = dict(state["recipe"], steps_done=int(state["step"]),
+                  wall_time_s=round(sum(r["seconds"] for r in state["log"]), 1), torch=str(torch.__version__))
+    save_checkpoint(model, model_path, recipe=recipe, half=True)
+    return recipe
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="segvolgru train",
+        description="Train a reduced SegVol (no text tower) and its GRU click correction on generated phantoms. "
+                    "Writes train_state.pt (resumable), loss_log.jsonl and model.pt (a DEMO model, not for "
+                    "clinical use) into OUT.")
+    parser.add_argument("out", help="output folder (resumes from OUT/train_state.pt when present)")
+    parser.add_argument("--steps", type=int, default=TrainSettings.steps, help="optimisation steps (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the phantoms and of every draw (default 0)")
+    parser.add_argument("--lr", type=float, default=TrainSettings.lr, help="peak learning rate (default %(default)s)")
+    parser.add_argument("--structures-per-step", type=int, default=TrainSettings.structures_per_step)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
+    parser.add_argument("--checkpoint-every", type=float, default=180.0, help="seconds between resume files")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if OUT/train_state.pt exists")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = TrainSettings(steps=args.steps, seed=args.seed, lr=args.lr,
+                             structures_per_step=args.structures_per_step, checkpoint_every_s=args.checkpoint_every,
+                             max_minutes=args.max_minutes)
+    recipe = {"command": "segvolgru train " + " ".join(shlex.quote(a) for a in (argv if argv is not None
+                                                                                  else sys.argv[1:])),
+              "data": f"segvolgru.phantoms.make_phantom(seed * {PHANTOM_SEED_STRIDE} + step, "
+                      f"shape={list(DEMO_CONFIG.spatial_size)}), preprocessed with segvolgru.preprocess",
+              "seed": args.seed, "note": "demo model trained on generated phantoms; not for clinical use"}
+    train(DEMO_CONFIG, args.out, settings, resume=not args.no_resume, device=args.device, recipe=recipe)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
