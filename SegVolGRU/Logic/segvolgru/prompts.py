@@ -13,6 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from .errors import InputError
+from .preprocess import nearest_exact_indices
 
 Box = tuple[int, int, int, int, int, int]
 EMPTY_BOX: Box = (-1, -1, -1, -1, -1, -1)
@@ -68,18 +69,14 @@ def validate_points(points, labels, shape: Sequence[int]) -> tuple[np.ndarray, n
     return voxels, lab.astype(np.int64)
 
 
-def nearest_exact_sources(n_in: int, n_out: int) -> np.ndarray:
-    """Source index of each output index for a 'nearest-exact' resize of one axis (torch semantics)."""
-    return np.minimum(np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
-
-
 def box_to_zoom_out(box_crop: Box, crop_shape: Sequence[int], out_shape: Sequence[int]) -> Box:
     """A crop-space box -> the zoom-out grid: per axis the first and last output index whose 'nearest-exact'
     source lies in the box (what rasterising, resizing and taking the bounding box gives). A box thinner than
     the sampling step keeps the output index nearest to its centre instead of vanishing."""
     lo, hi = [], []
     for axis in range(3):
-        src = nearest_exact_sources(int(crop_shape[axis]), int(out_shape[axis]))
+        # The same float32 index rule as the image's zoom-out, so box and image stay voxel-aligned.
+        src = nearest_exact_indices(int(crop_shape[axis]), int(out_shape[axis]))
         a, b = box_crop[axis], box_crop[axis + 3]
         hits = np.flatnonzero((src >= a) & (src <= b))
         if hits.size == 0:
