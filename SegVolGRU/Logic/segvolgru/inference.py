@@ -204,32 +204,34 @@ def _result(prepared: PreparedVolume, logits_crop: torch.Tensor, timings: Timing
 _last_engine: Engine | None = None
 
 
-def engine_for(model: SegVol, cache: EmbeddingCache | None = None) -> Engine:
-    """The engine of the latest (model, cache), so that repeated :func:`segment` calls share preprocessing and
-    embeddings; only one is kept so that a discarded model is not held alive."""
+def engine_for(model: SegVol, cache: EmbeddingCache | None = None, precision: str = "fp32") -> Engine:
+    """The engine of the latest (model, cache, precision), so that repeated :func:`segment` calls share
+    preprocessing and embeddings; only one is kept so that a discarded model is not held alive."""
     global _last_engine
     wanted = cache if cache is not None else shared_cache()
-    if _last_engine is None or _last_engine.model is not model or _last_engine.cache is not wanted:
-        _last_engine = Engine(model, wanted)
+    last = _last_engine
+    if last is None or last.model is not model or last.cache is not wanted or last.precision != precision:
+        _last_engine = Engine(model, wanted, precision)
     return _last_engine
 
 
 def segment(model: SegVol, volume: np.ndarray, *, box=None, points=None, point_labels=None, text: str | None = None,
             mode: str = "official", seed: int = 0, trace: bool = False, overlap: float = 0.5, zoom_in: bool = True,
-            cache: EmbeddingCache | None = None) -> SegmentResult:
+            cache: EmbeddingCache | None = None, precision: str = "fp32") -> SegmentResult:
     """Segment one structure of a (K, J, I) volume.
 
     ``box``: inclusive voxel corners (k0, j0, i0, k1, j1, i1); ``points``: (N, 3) voxels (k, j, i) with
     ``point_labels`` 1 = positive, 0 = negative; ``text``: an organ name (models with a text tower). ``mode``
     "official" reproduces the official pipeline (seeded random extra points in point-mode windows); "interactive"
     replays the prompts through a fresh :class:`~segvolgru.session.InteractiveSession`. ``overlap`` of the
-    zoom-in windows (0 = fast preview); ``zoom_in=False`` returns the zoom-out result.
+    zoom-in windows (0 = fast preview); ``zoom_in=False`` returns the zoom-out result. ``precision`` "bf16" or
+    "fp16" runs the network under autocast on a CUDA model (CPU always computes in fp32).
     """
     if not isinstance(volume, np.ndarray):
         raise InputError(f"volume must be a numpy array in (K, J, I) order, got {type(volume).__name__}")
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
-    engine = engine_for(model, cache)
+    engine = engine_for(model, cache, precision)
     if mode == "interactive":
         from .session import replay_segment
 
