@@ -74,3 +74,27 @@ def test_reported_dice_equals_a_recomputation(data):
 
 def test_a_folder_without_cases_is_a_usage_error(tmp_path):
     assert main(["evaluate", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
+
+
+def test_gru_summary_counts_clicks_that_lower_dice_and_the_auc():
+    from segvolgru.evaluate_gru import summarise
+
+    curves = {"gru_on": [[0.5, 0.6, 0.55, 0.7, 0.8, 0.9], [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]]}
+    out = summarise({"curves": curves, "seconds": {"gru_on": [0.1, 0.3, 0.2]}, "structures": 2})
+    assert out["frac_clicks_lower_dice"] == pytest.approx(1 / 10)
+    assert out["dice_auc_gru_on"] == pytest.approx(np.mean([0.5 * 0.6 + 0.55 + 0.7 + 0.8 + 0.5 * 0.9,
+                                                             0.5 * 0.3 + 0.4 + 0.5 + 0.6 + 0.5 * 0.7]))
+    assert out["click_s_p50"] == pytest.approx(0.2) and out["cases"] == 2
+
+
+def test_gru_evaluation_runs_every_variant_on_a_phantom():
+    from segvolgru.evaluate_gru import VARIANTS, evaluate_cases, summarise
+    from segvolgru.phantoms import make_phantom
+
+    volume, labels, spacing = make_phantom(900_000_123, shape=(16, 64, 64))
+    labels = np.where(labels == 1, 1, 0).astype(np.int16)
+    model = tiny_model({"k": 20, "hidden_size": 16, "row_dim": 8})
+    out = summarise(evaluate_cases(model, [("p", volume, labels, spacing)], progress=False))
+    for name in VARIANTS:
+        assert len(out[f"dice_{name}"]) == 6
+    assert out["cases"] == 1

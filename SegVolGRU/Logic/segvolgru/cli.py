@@ -1,4 +1,4 @@
-"""The ``segvolgru`` command line: demo, segment, evaluate, bench, download-weights, train.
+"""The ``segvolgru`` command line: demo, segment, evaluate, evaluate-gru, bench, download-weights, train.
 
 Exit codes: 0 success; 2 bad input or usage; 3 weights missing or invalid; 1 anything unexpected (one line,
 the traceback only with ``--debug``). ``--json`` prints one JSON object as the last stdout line.
@@ -71,10 +71,13 @@ def _evaluate(args) -> int:
     return EXIT_OK
 
 
-def _train(args, rest: list[str]) -> int:
-    from .train import main as train_main
-
-    return int(train_main(rest) or 0)
+def _passthrough(command: str, rest: list[str]) -> int:
+    """Commands with their own argument parsers (``train``, ``evaluate-gru``)."""
+    if command == "train":
+        from .train import main as command_main
+    else:
+        from .evaluate_gru import main as command_main
+    return int(command_main(rest) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(dl)
     dl.set_defaults(run=_download)
 
-    train = sub.add_parser("train", help="train the correction module / a reduced SegVol (see 'train --help')",
-                           add_help=False)
-    train.set_defaults(run=None)
+    for name, text in (("train", "train a reduced SegVol and its GRU correction (see 'train --help')"),
+                       ("evaluate-gru", "measure the GRU's gain on held-out phantoms, lung2 and MNI152")):
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -136,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     debug = "--debug" in argv
     try:
-        if argv and argv[0] == "train" or argv[:2] == ["--debug", "train"]:
-            rest = argv[argv.index("train") + 1:]
-            return _train(None, rest)
+        words = [a for a in argv if a != "--debug"]
+        if words and words[0] in ("train", "evaluate-gru"):
+            return _passthrough(words[0], words[1:])
         try:
             args = parser.parse_args(argv)
         except SystemExit as exc:
