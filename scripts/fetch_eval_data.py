@@ -27,8 +27,8 @@ def main() -> int:
     if all((dest / n).exists() and hashlib.md5((dest / n).read_bytes()).hexdigest() == m for n, m in MD5.items()):
         print(f"lung2 already in {dest}")
         return 0
-    meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/{PACKAGE}/{VERSION}/json", timeout=60))
-    sdist = next(u for u in meta["urls"] if u["packagetype"] == "sdist")
+    meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/{PACKAGE}/json", timeout=60))
+    sdist = next(u for u in meta["releases"][VERSION] if u["packagetype"] == "sdist")
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / sdist["filename"]
         urllib.request.urlretrieve(sdist["url"], archive)
