@@ -43,6 +43,9 @@ def test_box_maps_to_zoom_out_like_rasterise_resize_bbox():
 def test_point_maps_to_floor_of_scaled_centre():
     got = points_to_zoom_out(np.array([[0, 0, 0], [99, 49, 10]]), (100, 50, 20), (32, 256, 256))
     np.testing.assert_array_equal(got, [[0, 2, 6], [31, 253, 134]])
+    # exact ties: (24 + 0.5) * 32 / 49 = 16 exactly, (73 + 0.5) * 256 / 98 = 192 exactly
+    np.testing.assert_array_equal(points_to_zoom_out(np.array([[24, 73, 0]]), (49, 98, 10), (32, 256, 256)),
+                                  [[16, 192, 12]])
 
 
 def test_official_roi_pads_half_the_shortfall_and_clamps():
@@ -144,5 +147,29 @@ def test_bad_prompts_are_refused_with_a_message_and_the_volume_is_untouched(mode
     (np.full((5, 10, 10), 7.0), "constant|same value"),
 ])
 def test_bad_volumes_are_refused(model, volume, message):
+    before = volume.copy()
     with pytest.raises(InputError, match=message):
         segment(model, volume, box=(0, 0, 0, 0, 1, 1))
+    np.testing.assert_array_equal(volume, before)
+
+
+def test_new_weights_in_the_same_model_never_reuse_cached_results():
+    model = tiny_model()
+    volume = ct_like()
+    cache = EmbeddingCache()
+    before = segment(model, volume, box=BOX, cache=cache)
+    with torch.no_grad():
+        model.mask_decoder.iou_token.weight.add_(0.0)  # an in-place write, values unchanged
+        model.image_encoder.norm.bias.add_(0.5)
+    after = segment(model, volume, box=BOX, cache=cache)
+    fresh = segment(model, volume, box=BOX, cache=EmbeddingCache())
+    np.testing.assert_array_equal(after.logits, fresh.logits)
+    assert not np.array_equal(before.logits, after.logits)
+
+
+def test_public_preprocess_is_the_function_even_after_segment_ran(model):
+    import segvolgru
+
+    segment(model, ct_like(), box=BOX)
+    result = segvolgru.preprocess(ct_like(), spatial_size=(16, 64, 64))
+    assert result.zoom_out.shape == (16, 64, 64) and result.crop_start == (0, 5, 0)

@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 
 from segvolgru.phantoms import MIN_STRUCTURE_VOXELS, make_phantom
-from segvolgru.preprocess import preprocess
+from segvolgru.preprocessing import preprocess
 
 SHAPE = (32, 96, 96)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from segvolgru.errors import InputError
-from segvolgru.preprocess import nearest_exact_indices, preprocess
+from segvolgru.preprocessing import nearest_exact_indices, preprocess
 
 
 def reference_indices(n: int, m: int) -> np.ndarray:
@@ -137,7 +137,7 @@ def test_nearest_exact_indices_equal_torch_on_float32_tensors():
 
 def test_tail_guess_miss_falls_back_to_exact_percentiles(monkeypatch):
     """Bright voxels only on the strided subsample's grid: over-represented there, so the high-tail guess misses."""
-    import segvolgru.preprocess as module
+    import segvolgru.preprocessing as module
 
     rng = np.random.default_rng(10)
     volume = rng.normal(100, 10, size=(32, 256, 256)).astype(np.int16)

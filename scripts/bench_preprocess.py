@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from segvolgru.preprocess import preprocess
+from segvolgru.preprocessing import preprocess
 
 
 def ct_like_volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

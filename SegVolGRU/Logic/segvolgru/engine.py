@@ -6,7 +6,9 @@ zoom-in window at most once per (content, ROI, window), and each decoder at most
 """
 from __future__ import annotations
 
+import itertools
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +18,7 @@ from .cache import EmbeddingCache, content_key, shared_cache
 from .device import autocast, with_oom_fallback
 from .errors import InputError
 from .network import SegVol
-from .preprocess import Preprocessed, preprocess
+from .preprocessing import Preprocessed, preprocess
 from .prompts import Box
 from .windows import WindowGrid
 
@@ -67,8 +69,13 @@ class Engine:
         return self.model.config.spatial_size
 
     def _model_tag(self) -> tuple:
-        # Entries of different models (or of one model moved to another device) must never mix.
-        return (id(self.model), str(self.device), self.precision)
+        """Identity of the weights the entries were computed with: a token that stays with the model object (ids
+        are reused after a model is freed), plus the storage and in-place version of every tensor, so new weights
+        loaded into the same model (or moved to another device) never meet old entries."""
+        token = self.model.__dict__.setdefault("_segvolgru_token", uuid.uuid4().hex)
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        weights = hash(tuple((t.data_ptr(), t._version) for t in tensors))
+        return (token, weights, str(self.device), self.precision)
 
     def prepare(self, volume: np.ndarray, key: str | None = None) -> PreparedVolume:
         """Preprocess ``volume`` (never modified), reusing the result for identical content."""

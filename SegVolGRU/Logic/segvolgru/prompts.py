@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from .errors import InputError
-from .preprocess import nearest_exact_indices
+from .preprocessing import nearest_exact_indices
 
 Box = tuple[int, int, int, int, int, int]
 EMPTY_BOX: Box = (-1, -1, -1, -1, -1, -1)
@@ -88,10 +88,12 @@ def box_to_zoom_out(box_crop: Box, crop_shape: Sequence[int], out_shape: Sequenc
 
 
 def points_to_zoom_out(points_crop: np.ndarray, crop_shape: Sequence[int], out_shape: Sequence[int]) -> np.ndarray:
-    """Crop-space voxels -> zoom-out voxels: floor((p + 0.5)·S_out/S_in), clipped to the grid."""
-    scale = np.asarray(out_shape, np.float64) / np.asarray(crop_shape, np.float64)
-    mapped = np.floor((points_crop + 0.5) * scale).astype(np.int64)
-    return np.clip(mapped, 0, np.asarray(out_shape) - 1)
+    """Crop-space voxels -> zoom-out voxels: floor((p + 0.5)·S_out/S_in), clipped to the grid. Integer arithmetic,
+    so exact ties (e.g. p = 24 of 49 onto 32) round as the formula says rather than as float rounding does."""
+    p = np.asarray(points_crop, np.int64)
+    out = np.asarray(out_shape, np.int64)
+    mapped = ((2 * p + 1) * out) // (2 * np.asarray(crop_shape, np.int64))
+    return np.clip(mapped, 0, out - 1)
 
 
 def clip_box(box: Box, shape: Sequence[int]) -> Box | None:

@@ -35,7 +35,7 @@ from .correction import CorrectionConfig, apply_deltas, build_rows, fuse
 from .errors import InputError
 from .network import SegVol, build_model
 from .phantoms import make_phantom
-from .preprocess import nearest_exact_indices, preprocess
+from .preprocessing import nearest_exact_indices, preprocess
 
 # Click rounds per structure: mostly 2-3, rarely 0 or 5 (the schedule).
 CLICK_ROUNDS = (0, 1, 2, 3, 4, 5)
