@@ -62,6 +62,7 @@ def test_replay_from_the_prompt_list_is_bit_identical(model, volume):
 
 
 def test_gru_state_is_carried_so_history_changes_the_correction(model, volume):
+    """The same click after different histories: different hidden states, hence different deltas."""
     a, b = _session(model, volume), _session(model, volume)
     a.set_box(BOX)
     b.set_box(BOX)
@@ -73,6 +74,51 @@ def test_gru_state_is_carried_so_history_changes_the_correction(model, volume):
     a.add_click((20, 50, 40), True)
     b.add_click((20, 50, 40), True)
     assert not torch.equal(a.hidden_state, b.hidden_state)
+    prob = np.full((16, 40, 40), 0.5, np.float32)
+    rows = build_rows(prob, np.array([[8, 20, 20]]), np.array([1]), model.correction.config)
+    with torch.no_grad():
+        delta_a, _ = model.correction(rows, a.hidden_state)
+        delta_b, _ = model.correction(rows, b.hidden_state)
+    assert (delta_a - delta_b).abs().max() > 0
+
+
+def test_reset_clears_prompts_state_and_mask(model, volume):
+    s = _session(model, volume)
+    s.set_box(BOX)
+    s.add_click((20, 50, 40), True)
+    result = s.reset()
+    assert s.prompts == [] and s.hidden_state is None and not result.mask.any()
+    with pytest.raises(InputError, match="nothing to undo"):
+        s.undo()
+
+
+def test_sessions_on_one_volume_share_the_cache_and_keep_their_own_state(model, volume):
+    cache = EmbeddingCache()
+    first = InteractiveSession(model, volume, cache=cache)
+    first.set_box(BOX)
+    entries = len(cache)
+    second = InteractiveSession(model, volume, cache=cache)
+    second.set_box((12, 35, 25, 25, 60, 55))
+    assert cache.hits > 0 and len(cache) > entries
+    first.add_click((20, 50, 40), True)
+    assert second.hidden_state is None and first.hidden_state is not None
+    assert len(second.prompts) == 1
+
+
+def test_a_box_can_be_required_before_clicks(model, volume):
+    s = _session(model, volume, require_box=True)
+    with pytest.raises(InputError, match="needs a box before clicks"):
+        s.add_click((20, 50, 40), True)
+    s.set_box(BOX)
+    s.add_click((20, 50, 40), True)
+
+
+def test_fusion_runs_without_the_gru(model, volume):
+    fused, plain = _session(model, volume, gru=False), _session(model, volume, gru=False, fusion=False)
+    for s in (fused, plain):
+        s.set_box(BOX)
+        s.add_click((20, 50, 40), False)
+    assert not torch.equal(fused._state.logits, plain._state.logits)
 
 
 def test_click_result_reports_the_extent_that_changed(model, volume):
@@ -92,7 +138,7 @@ def test_gru_off_equals_plain_segvol_and_gru_on_differs(model, volume):
         s.set_box(BOX)
         s.add_click((20, 50, 40), True)
     plain = tiny_model()
-    reference = _session(plain, volume)
+    reference = _session(plain, volume, fusion=False)
     reference.set_box(BOX)
     reference.add_click((20, 50, 40), True)
     np.testing.assert_array_equal(off.mask, reference.mask)
@@ -112,8 +158,10 @@ def test_a_click_outside_the_roi_adds_a_window_around_it():
     roi = s._state.regions[0].box
     far = (30, 190, 180)
     assert not all(roi[a] <= far[a] - s._prepared.pre.crop_start[a] <= roi[a + 3] for a in range(3))
+    runs = s.engine.cache.misses
     s.add_click(far, True)
     assert len(s._state.regions) == regions + 1
+    assert s.engine.cache.misses > runs  # the zoom-out pass ran again with the new click
     s.undo()
     assert len(s._state.regions) == regions
 

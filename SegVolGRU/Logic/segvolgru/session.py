@@ -83,8 +83,10 @@ class InteractiveSession:
     """Box and clicks on one structure, with undo/redo, exact replay and a GRU state carried across clicks.
 
     Settings: ``overlap`` (0.5), ``gru`` (True; the correction runs when the model has a correction module),
-    ``text`` (None), and the correction switches of :class:`CorrectionConfig` (``write_back``, ``fusion``, ``k``,
-    ``tau``, ``error_radius``, ``fusion_radius``, ``fusion_band``, ``spread_sigma``) overriding the model's.
+    ``text`` (None), ``require_box`` (False: a session may start from clicks alone, as the challenge allows),
+    ``fusion`` (True, with or without the GRU), and the correction switches of :class:`CorrectionConfig`
+    (``write_back``, ``k``, ``tau``, ``error_radius``, ``fusion_radius``, ``fusion_band``, ``spread_sigma``)
+    overriding the model's.
     """
 
     def __init__(self, model: SegVol, volume: np.ndarray, spacing=None, cache: EmbeddingCache | None = None,
@@ -97,6 +99,7 @@ class InteractiveSession:
         self.overlap = float(settings.pop("overlap", 0.5))
         self.gru = bool(settings.pop("gru", True))
         self.text = settings.pop("text", None)
+        self.require_box = bool(settings.pop("require_box", False))
         base = model.correction.config if model.correction is not None else CorrectionConfig()
         try:
             self.correction_config = dataclasses.replace(base, **settings)
@@ -134,6 +137,8 @@ class InteractiveSession:
         """Add one click at a (k, j, i) voxel; ``positive`` True adds, False removes."""
         self._check_volume()
         pts, _ = validate_points([voxel_kji], [1 if positive else 0], self._volume.shape)
+        if self.require_box and self._box(self.prompts) is None:
+            raise InputError("this session needs a box before clicks (require_box=True): place the box first")
         return self._push({"type": "click", "voxel": [int(v) for v in pts[0]], "positive": bool(positive)})
 
     def undo(self) -> SessionResult:
@@ -181,7 +186,8 @@ class InteractiveSession:
 
     def settings(self) -> dict:
         """Plain data that, with the prompts, reproduces this session exactly."""
-        return {"overlap": self.overlap, "gru": self.gru, "text": self.text, **self.correction_config.to_dict()}
+        return {"overlap": self.overlap, "gru": self.gru, "text": self.text, "require_box": self.require_box,
+                **self.correction_config.to_dict()}
 
     @classmethod
     def replay(cls, model: SegVol, volume: np.ndarray, prompts: list[dict], spacing=None,
@@ -247,23 +253,27 @@ class InteractiveSession:
             self._state = saved
         return state
 
-    def _start(self, box, first_clicks: list[dict]) -> _State:
-        prepared = self._prepared
-        pts, labels = self._clicks(first_clicks)
-        crop_box, crop_pts = prompts_in_crop(prepared, box, pts)
-        spatial = self.engine.window
+    def _zoom_out_logits(self, crop_box, crop_pts, labels) -> torch.Tensor:
+        """The zoom-out pass with the box and every click (true polarity), nearest-upsampled to the crop."""
+        prepared, spatial = self._prepared, self.engine.window
         zoom_box = box_to_zoom_out(crop_box, prepared.crop_shape, spatial) if crop_box is not None else None
         zoom_pts = points_to_zoom_out(crop_pts, prepared.crop_shape, spatial) if len(crop_pts) else crop_pts
         low = self.engine.decode(self.engine.zoom_out_embedding(prepared), ("zoom_out", prepared.key), zoom_box,
                                  zoom_pts, labels, self._text_emb, self.text)
-        logits = upsample_nearest(self.engine.upsample(low), prepared.crop_shape)
+        return upsample_nearest(self.engine.upsample(low), prepared.crop_shape)
+
+    def _start(self, box, first_clicks: list[dict]) -> _State:
+        prepared = self._prepared
+        pts, labels = self._clicks(first_clicks)
+        crop_box, crop_pts = prompts_in_crop(prepared, box, pts)
+        logits = self._zoom_out_logits(crop_box, crop_pts, labels)
         seed = torch.sigmoid(logits) > 0.5
         if crop_box is not None:
             seed |= box_cube(crop_box, prepared.crop_shape).bool()
         for p in crop_pts:
             seed[tuple(p)] = True
         state = _State(logits, [], None)
-        roi = official_roi(seed, spatial)
+        roi = official_roi(seed, self.engine.window)
         saved, self._state = self._state, state
         try:
             region = self._new_region(roi)
@@ -271,7 +281,7 @@ class InteractiveSession:
             new = self._decode_region(region, crop_box, crop_pts, labels)
             logits[roi_slices(roi)] = new
             if len(crop_pts) and self.correction_active:
-                self._correct(state, crop_pts, labels, previous=None)
+                self._correct(state, crop_pts, labels)
         finally:
             self._state = saved
         return state
@@ -323,6 +333,10 @@ class InteractiveSession:
         return grid.unpad(total / count)
 
     def _click_step(self, prompt: dict, done: list[dict] | None = None) -> _Step:
+        """One click: SegVol in the region holding it (a new window around it when it lies outside every region,
+        after a zoom-out pass with all prompts for the voxels outside the regions), then the GRU correction, then
+        the fusion with the previous logits. A click inside the frozen ROI skips the zoom-out pass: inside the ROI
+        its logits are replaced by the windows'."""
         prompts = (self.prompts if done is None else done) + [prompt]
         step = _Step(prompt, hidden_before=self._state.hidden, regions_before=len(self._state.regions))
         pts, labels = self._clicks(prompts)
@@ -330,15 +344,29 @@ class InteractiveSession:
         click = crop_pts[-1]
         region = next((r for r in reversed(self._state.regions)
                        if all(r.box[a] <= click[a] <= r.box[a + 3] for a in range(3))), None)
+        config = self.correction_config
         if region is None:
+            zoom = self._zoom_out_logits(crop_box, crop_pts, labels)
+            outside = torch.ones(self._prepared.crop_shape, dtype=torch.bool)
+            for r in self._state.regions:
+                outside[roi_slices(r.box)] = False
+            whole = (slice(None),) * 3
+            updated = torch.where(outside, zoom, self._state.logits)
+            if config.fusion:
+                updated = fuse(self._state.logits, updated, (0, 0, 0), click, config)
+            self._write(step, whole, updated)
             region = self._new_region(self._window_around(click))
             self._state.regions.append(region)
             step.new_regions.append(region)
-        previous = self._state.logits[roi_slices(region.box)].clone()
+        sl = roi_slices(region.box)
+        previous = self._state.logits[sl].clone()
         new = self._decode_region(region, crop_box, crop_pts, labels)
-        self._write(step, roi_slices(region.box), new)
+        self._write(step, sl, new)
         if self.correction_active:
-            self._correct(self._state, crop_pts, labels, previous, step, region)
+            self._correct(self._state, crop_pts, labels, step, region)
+        if config.fusion:
+            local_click = click - region.start
+            self._write(step, sl, fuse(previous, self._state.logits[sl], (0, 0, 0), local_click, config))
         step.hidden_after = self._state.hidden
         if done is None:
             self.mask = self._full_mask() if step.writes else self.mask
@@ -350,9 +378,9 @@ class InteractiveSession:
         lo = np.clip(click - size // 2, 0, shape - size)
         return (*map(int, lo), *map(int, lo + size - 1))  # type: ignore[return-value]
 
-    def _correct(self, state: _State, crop_pts, labels, previous, step: _Step | None = None,
+    def _correct(self, state: _State, crop_pts, labels, step: _Step | None = None,
                  region: _Region | None = None) -> None:
-        """GRU correction of the region of the newest click, then fusion with the previous logits."""
+        """GRU correction of the region of the newest click; the hidden state moves on by one click."""
         region = region or state.regions[0]
         sl = roi_slices(region.box)
         logits = state.logits[sl]
@@ -364,8 +392,6 @@ class InteractiveSession:
         with torch.inference_mode():
             delta, hidden = self.model.correction(rows, hidden)
             corrected = apply_deltas(logits, rows, delta, local_clicks[-1], config)
-            if previous is not None and config.fusion:
-                corrected = fuse(previous, corrected, (0, 0, 0), local_clicks[-1], config)
         state.hidden = hidden.clone()
         if step is None:
             state.logits[sl] = corrected
