@@ -130,7 +130,7 @@ def _zoom_in(engine: Engine, prepared: PreparedVolume, logits_crop: torch.Tensor
     spatial = engine.window
     roi = official_roi(torch.sigmoid(logits_crop) > 0.5, spatial)
     if roi is None:
-        return None, None
+        return None, []
     sl = roi_slices(roi)
     grid = window_grid(tuple(r1 - r0 + 1 for r0, r1 in zip(roi[:3], roi[3:])), spatial, overlap)
     maps = {"preds": grid.pad((torch.sigmoid(logits_crop[sl]) > 0.5).float())}
