@@ -22,20 +22,20 @@ _MAX_LOBE_SCALE = 1.6
 
 @dataclass(frozen=True)
 class _Tissue:
-    """Intensity rules per modality: background, body, organ range, lesion offset, vessel, noise."""
+    """Intensity rules per modality: background, body, organ range, lesion contrast magnitude, vessel, noise."""
 
     background: float
     body: float
     organ: tuple[float, float]
-    lesion_offset: tuple[float, float]
+    lesion_contrast: tuple[float, float]
     vessel: float
     noise: tuple[float, float]
 
 
 _TISSUES = {
-    "ct": _Tissue(background=-1000.0, body=20.0, organ=(-60.0, 180.0), lesion_offset=(-70.0, 70.0),
+    "ct": _Tissue(background=-1000.0, body=20.0, organ=(-60.0, 180.0), lesion_contrast=(25.0, 70.0),
                   vessel=260.0, noise=(8.0, 30.0)),
-    "mr": _Tissue(background=5.0, body=300.0, organ=(120.0, 800.0), lesion_offset=(-200.0, 250.0),
+    "mr": _Tissue(background=5.0, body=300.0, organ=(120.0, 800.0), lesion_contrast=(25.0, 250.0),
                   vessel=900.0, noise=(8.0, 30.0)),
 }
 
@@ -179,7 +179,7 @@ def make_phantom(seed: int, shape: tuple[int, int, int] = (32, 96, 96), modality
             continue
         centre = (where[int(rng.integers(len(where)))] + 0.5) * spacing
         lesion = _lobulated(rng, coords, centre, rng.uniform(3.0, 9.0, 3)) & (labels == host)
-        means.append(means[host - 1] + rng.choice([-1, 1]) * rng.uniform(25, abs(tissue.lesion_offset[1])))
+        means.append(means[host - 1] + rng.choice([-1, 1]) * rng.uniform(*tissue.lesion_contrast))
         labels[lesion] = len(means)
     labels, original = _renumber(labels)
 
