@@ -40,6 +40,7 @@ from .preprocessing import nearest_exact_indices, preprocess
 # Click rounds per structure: mostly 2-3, rarely 0 or 5 (the schedule).
 CLICK_ROUNDS = (0, 1, 2, 3, 4, 5)
 CLICK_ROUND_WEIGHTS = (0.05, 0.1, 0.35, 0.35, 0.1, 0.05)
+SEGVOL_CLICK_LOSS_WEIGHT = 0.5
 # Training phantoms use seeds seed * PHANTOM_SEED_STRIDE + step; held-out sets use seeds from HELD_OUT_SEED_BASE.
 PHANTOM_SEED_STRIDE = 1_000_000
 HELD_OUT_SEED_BASE = 900_000_000
@@ -143,7 +144,9 @@ def structure_session(model: SegVol, embedding: torch.Tensor, gt: np.ndarray, ro
         corrected = apply_deltas(new, rows, delta, points[-1], config)
         if config.fusion:
             corrected = fuse(previous, corrected, (0, 0, 0), points[-1], config)
-        loss = loss + dice_bce_loss(corrected, target)
+        # SegVol's own click decoding is supervised too, so it does not learn to lean on the correction (with only
+        # the corrected logits supervised, "GRU off" got worse with every click).
+        loss = loss + dice_bce_loss(corrected, target) + SEGVOL_CLICK_LOSS_WEIGHT * dice_bce_loss(new, target)
         dices.append(hard_dice(corrected.detach(), gt))
         previous = corrected.detach()
     return loss / len(dices), dices
