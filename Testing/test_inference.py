@@ -173,3 +173,14 @@ def test_public_preprocess_is_the_function_even_after_segment_ran(model):
     segment(model, ct_like(), box=BOX)
     result = segvolgru.preprocess(ct_like(), spatial_size=(16, 64, 64))
     assert result.zoom_out.shape == (16, 64, 64) and result.crop_start == (0, 5, 0)
+
+
+def test_region_upsampling_equals_slicing_the_full_upsampling():
+    from segvolgru.prompts import upsample_nearest, upsample_nearest_region
+
+    grid_map = torch.rand(16, 64, 64)
+    for shape, region in [((37, 301, 211), (slice(3, 30), slice(100, 290), slice(0, 211))),
+                          ((16, 64, 64), (slice(0, 16), slice(5, 6), slice(10, 60))),
+                          ((120, 70, 500), (slice(119, 120), slice(0, 70), slice(250, 499)))]:
+        full = upsample_nearest(grid_map, shape)[region]
+        assert torch.equal(upsample_nearest_region(grid_map, shape, region), full)

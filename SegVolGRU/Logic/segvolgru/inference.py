@@ -19,9 +19,9 @@ from .errors import InputError
 from .network import SegVol
 from .prompts import (
     Box, box_cube, box_of, box_to_zoom_out, clip_box, point_map, points_to_zoom_out, sample_window_points,
-    upsample_nearest, validate_box, validate_points,
+    upsample_nearest, upsample_nearest_region, validate_box, validate_points,
 )
-from .windows import Stitcher, WindowGrid, window_grid
+from .windows import Stitcher, WindowGrid, bounding_box, window_grid
 
 MODES = ("official", "interactive")
 
@@ -61,10 +61,10 @@ def official_roi(pred: torch.Tensor, window: tuple[int, int, int]) -> Roi | None
     """Bounding box of a boolean (K, J, I) mask grown to at least the window where the crop allows (the official
     ``logits2roi_coor``: half the shortfall on each side, clamped to [0, dim]); returned inclusive, clipped to
     dim − 1. None when the mask is empty."""
-    nz = torch.nonzero(pred)
-    if nz.numel() == 0:
+    found = bounding_box(pred)
+    if found is None:
         return None
-    lo, hi = nz.min(dim=0).values.tolist(), nz.max(dim=0).values.tolist()
+    lo, hi = found[:3], found[3:]
     shape = pred.shape
     roi_lo, roi_hi = [], []
     for axis in range(3):
@@ -137,9 +137,10 @@ def _zoom_in(engine: Engine, prepared: PreparedVolume, logits_crop: torch.Tensor
     # The official pads only the zoom-out mask and forgets the prompt maps, which shifts them in crops smaller
     # than a window; both are padded here.
     if zoom_box is not None:
-        maps["cube"] = grid.pad(upsample_nearest(box_cube(zoom_box, spatial), prepared.crop_shape)[sl])
+        maps["cube"] = grid.pad(upsample_nearest_region(box_cube(zoom_box, spatial), prepared.crop_shape, sl))
     if len(zoom_points):
-        maps["points"] = grid.pad(upsample_nearest(point_map(zoom_points, labels, spatial), prepared.crop_shape)[sl])
+        maps["points"] = grid.pad(upsample_nearest_region(point_map(zoom_points, labels, spatial),
+                                                          prepared.crop_shape, sl))
     padded_image = grid.pad(prepared.image[sl])
     generator = torch.Generator().manual_seed(int(seed))
     stitcher = Stitcher(grid)

@@ -110,6 +110,19 @@ def upsample_nearest(grid_map: torch.Tensor, shape: Sequence[int]) -> torch.Tens
     return F.interpolate(grid_map[None, None].float(), size=tuple(int(s) for s in shape), mode="nearest")[0, 0]
 
 
+def nearest_indices(n_in: int, n_out: int) -> torch.Tensor:
+    """Source index of each output index of torch's 'nearest' resize of one axis, computed by torch itself so that
+    it matches :func:`upsample_nearest` bit for bit."""
+    source = torch.arange(n_in, dtype=torch.float32)[None, None]
+    return F.interpolate(source, size=int(n_out), mode="nearest")[0, 0].long()
+
+
+def upsample_nearest_region(grid_map: torch.Tensor, shape: Sequence[int], region: Sequence[slice]) -> torch.Tensor:
+    """``upsample_nearest(grid_map, shape)[region]`` without building the whole upsampled volume."""
+    index = [nearest_indices(n, m)[sl] for n, m, sl in zip(grid_map.shape, shape, region)]
+    return grid_map.float()[index[0][:, None, None], index[1][None, :, None], index[2][None, None, :]]
+
+
 def box_cube(box: Box, shape: Sequence[int]) -> torch.Tensor:
     cube = torch.zeros(tuple(shape), dtype=torch.float32)
     cube[box[0]:box[3] + 1, box[1]:box[4] + 1, box[2]:box[5] + 1] = 1

@@ -24,7 +24,7 @@ from .inference import SegmentResult, engine_for, official_roi, prompts_in_crop,
 from .network import SegVol
 from .prompts import EMPTY_BOX, box_cube, box_to_zoom_out, clip_box, points_to_zoom_out, upsample_nearest
 from .prompts import validate_box, validate_points
-from .windows import WindowGrid, window_grid
+from .windows import WindowGrid, bounding_box, window_grid
 
 _FLOOR_LOGIT = -20.0
 MAX_HISTORY = 50
@@ -145,25 +145,21 @@ class InteractiveSession:
         if not self._history:
             raise InputError("nothing to undo: this session has no prompts yet")
         step = self._history.pop()
-        old_mask = self.mask
         if step.before is not None:
             self._state = step.before
-            self.mask = self._full_mask()
         else:
             for sl, old, _ in reversed(step.writes):
                 self._state.logits[sl] = old
             del self._state.regions[step.regions_before:]
             self._state.hidden = step.hidden_before
-            self.mask = self._full_mask() if step.writes else self.mask
         self.prompts.pop()
         self._redo.append(step)
-        return SessionResult(self.mask.copy(), _changed_extent(old_mask, self.mask))
+        return self._result(step)
 
     def redo(self) -> SessionResult:
         if not self._redo:
             raise InputError("nothing to redo")
         step = self._redo.pop()
-        old_mask = self.mask
         if step.after is not None:
             self._state = step.after
         else:
@@ -171,10 +167,9 @@ class InteractiveSession:
                 self._state.logits[sl] = new
             self._state.regions.extend(step.new_regions)
             self._state.hidden = step.hidden_after
-        self.mask = self._full_mask()
         self.prompts.append(step.prompt)
         self._history.append(step)
-        return SessionResult(self.mask.copy(), _changed_extent(old_mask, self.mask))
+        return self._result(step)
 
     def reset(self) -> SessionResult:
         """Forget every prompt and the GRU state (not undoable); the mask becomes empty."""
@@ -182,7 +177,7 @@ class InteractiveSession:
         self.prompts, self._history, self._redo = [], [], []
         self._state = self._empty_state()
         self.mask = np.zeros(self._volume.shape, np.uint8)
-        return SessionResult(self.mask.copy(), _changed_extent(old_mask, self.mask))
+        return SessionResult(self.mask.copy(), bounding_box(old_mask != self.mask))
 
     def settings(self) -> dict:
         """Plain data that, with the prompts, reproduces this session exactly."""
@@ -206,7 +201,6 @@ class InteractiveSession:
     # ----------------------------------------------------------------- steps
     def _push(self, prompt: dict) -> SessionResult:
         started = time.perf_counter()
-        old_mask = self.mask
         incremental = prompt["type"] == "click" and self._state.regions
         if incremental:
             step = self._click_step(prompt)
@@ -215,13 +209,37 @@ class InteractiveSession:
             after = self._compute(self.prompts + [prompt])
             step = _Step(prompt, before=before, after=after)
             self._state = after
-            self.mask = self._full_mask()
         self.prompts.append(prompt)
         self._history.append(step)
         self._history = self._history[-MAX_HISTORY:]
         self._redo.clear()
-        timings = {"total_s": time.perf_counter() - started}
-        return SessionResult(self.mask.copy(), _changed_extent(old_mask, self.mask), timings)
+        result = self._result(step)
+        result.timings["total_s"] = time.perf_counter() - started
+        return result
+
+    def _result(self, step: _Step) -> SessionResult:
+        """Bring the mask up to date with the logits a step wrote (all of it after a rebuild, else only the
+        bounding box of its writes) and report the extent that changed."""
+        crop_start = np.asarray(self._prepared.pre.crop_start)
+        shape = np.asarray(self._prepared.crop_shape)
+        if step.before is not None or step.after is not None:
+            lo, hi = np.zeros(3, int), shape
+        elif step.writes:
+            starts = np.array([[sl[a].start or 0 for a in range(3)] for sl, _, _ in step.writes])
+            stops = np.array([[shape[a] if sl[a].stop is None else sl[a].stop for a in range(3)]
+                              for sl, _, _ in step.writes])
+            lo, hi = starts.min(axis=0), stops.max(axis=0)
+        else:
+            return SessionResult(self.mask.copy(), None)
+        crop_sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        vol_sl = tuple(slice(int(a + o), int(b + o)) for a, b, o in zip(lo, hi, crop_start))
+        new = (torch.sigmoid(self._state.logits[crop_sl]) > 0.5).numpy().astype(np.uint8)
+        changed = bounding_box(self.mask[vol_sl] != new)
+        self.mask[vol_sl] = new
+        if changed is not None:
+            offset = np.concatenate([lo + crop_start, lo + crop_start])
+            changed = tuple(int(v) for v in np.asarray(changed) + offset)
+        return SessionResult(self.mask.copy(), changed)
 
     def _empty_state(self) -> _State:
         return _State(torch.full(self._prepared.crop_shape, _FLOOR_LOGIT), [], None)
@@ -368,8 +386,6 @@ class InteractiveSession:
             local_click = click - region.start
             self._write(step, sl, fuse(previous, self._state.logits[sl], (0, 0, 0), local_click, config))
         step.hidden_after = self._state.hidden
-        if done is None:
-            self.mask = self._full_mask() if step.writes else self.mask
         return step
 
     def _window_around(self, click: np.ndarray) -> Roi:
@@ -402,29 +418,11 @@ class InteractiveSession:
         step.writes.append((sl, self._state.logits[sl].clone(), new.clone()))
         self._state.logits[sl] = new
 
-    def _full_mask(self) -> np.ndarray:
-        mask = np.zeros(self._volume.shape, np.uint8)
-        crop = tuple(slice(a, b) for a, b in zip(self._prepared.pre.crop_start, self._prepared.pre.crop_stop))
-        mask[crop] = (torch.sigmoid(self._state.logits) > 0.5).numpy()
-        return mask
-
     def _check_volume(self) -> None:
         if fingerprint(self._caller) != self._fingerprint:
             raise InputError("the volume changed since this session started (its shape, type or voxels differ): "
                              "start a new session on the new volume; prompts can be replayed with "
                              "InteractiveSession.replay")
-
-
-def _changed_extent(old: np.ndarray, new: np.ndarray):
-    diff = old != new
-    if not diff.any():
-        return None
-    lo, hi = [], []
-    for axis in range(3):
-        hits = np.flatnonzero(diff.any(axis=tuple(a for a in range(3) if a != axis)))
-        lo.append(int(hits[0]))
-        hi.append(int(hits[-1]))
-    return (*lo, *hi)
 
 
 def replay_segment(engine: Engine, volume: np.ndarray, *, box=None, points=None, point_labels=None, text=None,
