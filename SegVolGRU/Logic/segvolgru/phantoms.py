@@ -155,11 +155,12 @@ def make_phantom(seed: int, shape: tuple[int, int, int] = (32, 96, 96), modality
         radii = rng.uniform(0.12, 0.28, 3) * extent.min() * np.array([1.4, 1.0, 1.0]) * rng.uniform(0.7, 1.3, 3)
         if organs and rng.random() < 0.6:
             # A neighbour pressed against an earlier organ, of nearly its intensity.
-            other_centre, other_radii = organs[int(rng.integers(len(organs)))]
+            touched = int(rng.integers(len(organs)))
+            other_centre, other_radii = organs[touched]
             direction = rng.standard_normal(3)
             direction /= np.linalg.norm(direction)
             centre = other_centre + direction * (other_radii + radii) * 0.75
-            mean = means[-1] * rng.uniform(0.93, 1.07) + rng.uniform(-15, 15)
+            mean = means[touched] * rng.uniform(0.93, 1.07) + rng.uniform(-15, 15)
         else:
             centre = rng.uniform(0.25, 0.75, 3) * extent
             mean = rng.uniform(*tissue.organ)

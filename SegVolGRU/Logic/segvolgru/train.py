@@ -229,6 +229,9 @@ def train(config: SegVolConfig, out_dir: str | Path, settings: TrainSettings = T
                          "CorrectionConfig().to_dict()) so that the GRU is trained with SegVol")
     if config.text_tower:
         raise InputError("training starts from scratch without a text tower: use text_tower=False")
+    if source is None and (settings.seed + 1) * PHANTOM_SEED_STRIDE + settings.steps > HELD_OUT_SEED_BASE:
+        raise InputError(f"seed {settings.seed} with {settings.steps} steps would train on held-out phantoms "
+                         f"(seeds from {HELD_OUT_SEED_BASE}): use a seed below {HELD_OUT_SEED_BASE // PHANTOM_SEED_STRIDE - 1}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
