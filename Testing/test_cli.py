@@ -94,3 +94,33 @@ def test_bench_quick_prints_its_json_keys(capsys):
 
 def test_unknown_command_is_a_usage_error():
     assert main(["frobnicate"]) == 2
+
+
+def test_segment_to_seg_nrrd_reopens_in_the_image_geometry(tmp_path, weights, image_file):
+    pytest.importorskip("slicer", reason="writing .seg.nrrd goes through real MRML")
+    from segvolgru.slicer_bridge import HeadlessSlicer, load_seg_nrrd, load_volume, read_segment_mask
+
+    prompts = _prompts(tmp_path, {"box": [[10, 30, 20], [29, 69, 59]]})
+    out = tmp_path / "label.seg.nrrd"
+    assert main(["segment", str(image_file), prompts, "-o", str(out), "--weights", str(weights), "--quiet"]) == 0
+    label = tmp_path / "label.nrrd"
+    assert main(["segment", str(image_file), prompts, "-o", str(label), "--weights", str(weights), "--quiet"]) == 0
+    headless = HeadlessSlicer()
+    volume_node = load_volume(headless.scene, image_file)
+    seg = load_seg_nrrd(headless.scene, out)
+    mask = read_segment_mask(seg, seg.GetSegmentation().GetNthSegmentID(0), volume_node)
+    np.testing.assert_array_equal(mask, sitk.GetArrayFromImage(sitk.ReadImage(str(label))))
+    headless.close()
+
+
+def test_text_prompt_without_a_text_tower_exits_2(tmp_path, weights, image_file, capsys):
+    prompts = _prompts(tmp_path, {"text": "liver"})
+    assert main(["segment", str(image_file), prompts, "-o", str(tmp_path / "o.nrrd"), "--weights",
+                 str(weights)]) == 2
+    assert "no text tower" in capsys.readouterr().err
+
+
+def test_debug_flag_is_accepted_after_the_subcommand(tmp_path, weights, image_file):
+    prompts = _prompts(tmp_path, {"box": [[10, 30, 20], [29, 69, 59]]})
+    assert main(["segment", str(image_file), prompts, "-o", str(tmp_path / "o.nrrd"), "--weights", str(weights),
+                 "--quiet", "--debug"]) == 0

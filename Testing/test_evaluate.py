@@ -38,6 +38,7 @@ def data(tmp_path):
     np.savez(folder / "nobox.npz", imgs=imgs2, spacing=np.array([1.0, 1.0, 1.0]))
     np.savez(folder / "nobox_gt.npz", gts=gts2)
     np.savez(folder / "broken.npz", something=np.zeros(3))
+    (folder / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
     return folder
 
 
@@ -55,7 +56,7 @@ def test_evaluate_writes_csvs_report_and_json(data, weights, tmp_path, capsys):
     for key in ("cases", "dsc_auc", "nsd_auc", "dsc_final", "nsd_final", "dsc_per_step", "nsd_per_step",
                 "time_per_step_s", "failed"):
         assert key in summary
-    assert summary["cases"] == 2 and [f["case"] for f in summary["failed"]] == ["broken.npz"]
+    assert summary["cases"] == 2 and [f["case"] for f in summary["failed"]] == ["broken.npz", "corrupt.npz"]
     assert len(summary["dsc_per_step"]) == 6
     assert (out / "report.md").exists() and (out / "curves.png").exists() and (out / "best.png").exists()
     rows = list(csv.DictReader(open(out / "nobox.csv")))
@@ -70,6 +71,19 @@ def test_reported_dice_equals_a_recomputation(data):
     assert result["dsc_final"] == pytest.approx(expected)
     assert result["dsc_per_step"][-1] == pytest.approx(expected)
     assert result["has_box"] and len(result["preds"]) == 6
+
+
+def test_boxes_belong_to_class_ids_even_when_a_class_is_absent(data, tmp_path):
+    imgs, gts = _case(0)
+    gts[gts == 1] = 0  # class 1 absent: the box list still has an entry for it
+    rng = np.random.default_rng(1)
+    boxes = np.array([None, challenge_box(gts == 2, rng)], dtype=object)
+    np.savez(tmp_path / "gap.npz", imgs=imgs, gts=gts, spacing=np.array([1.0, 1.0, 1.0]), boxes=boxes)
+    case = load_case(tmp_path / "gap.npz")
+    result = run_case(tiny_model(), case)
+    assert result["classes"] == [2]
+    ys, xs = np.nonzero(result["preds"][0].any(axis=0))
+    assert len(ys) > 0
 
 
 def test_a_folder_without_cases_is_a_usage_error(tmp_path):

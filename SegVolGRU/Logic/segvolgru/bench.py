@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import resource
 import statistics
 import sys
 import time
@@ -38,6 +37,15 @@ def ct_like_volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     volume += rng.normal(0, 15, shape).astype(np.int16)
     volume[shape[0] // 4: shape[0] // 4 + shape[0] // 2, shape[1] // 4: shape[1] // 2, shape[2] // 4: shape[2] // 2] += 60
     return volume
+
+
+def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MB (None where the platform has no ``resource`` module)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _model(config: SegVolConfig, device: torch.device) -> SegVol:
@@ -116,7 +124,7 @@ def run_bench(quick: bool = False, device: str = "auto", threads: int | None = N
         session.add_click(voxel, positive=bool(n % 2 == 0))
         times.append(time.perf_counter() - begin)
     out["click_session_s"] = statistics.median(times)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = _peak_rss_mb()
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 

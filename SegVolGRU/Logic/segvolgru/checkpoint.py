@@ -176,6 +176,7 @@ def load_model(path: str | os.PathLike, config: SegVolConfig | None = None, devi
     model = build_model(config or ckpt.config or OFFICIAL_CONFIG)
     apply_state(model, ckpt, source=str(path))
     model.recipe = ckpt.recipe
+    model.checkpoint_format = ckpt.format
     log.info("loaded %s checkpoint %s", ckpt.format, path)
     return model.to(device).eval()
 

@@ -138,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     try:
-        words = [a for a in argv if a != "--debug"]
-        if words and words[0] in ("train", "evaluate-gru"):
-            return _passthrough(words[0], words[1:])
+        if argv and argv[0] in ("train", "evaluate-gru"):
+            return _passthrough(argv[0], argv[1:])
         try:
             args = parser.parse_args(argv)
         except SystemExit as exc:

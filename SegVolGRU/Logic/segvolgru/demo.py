@@ -34,7 +34,9 @@ def pick_model(weights: str | None = None) -> LoadedModel:
 
     path = resolve_weights(weights)
     if path is not None:
-        return LoadedModel(load_model(path), f"official SegVol weights ({path})")
+        model = load_model(path)
+        kind = "project model" if model.checkpoint_format == "segvolgru" else "SegVol weights"
+        return LoadedModel(model, f"{kind} from {path} ({model.checkpoint_format} format)")
     from .demo_model import demo_model_path
 
     path = demo_model_path()

@@ -95,7 +95,8 @@ def load_case(path: Path) -> Case:
         raise InputError(f"{label_path}: its geometry (size, spacing, origin or direction) differs from {path}")
     gts = sitk.GetArrayFromImage(label)
     rng = np.random.default_rng(BOX_SEED)
-    boxes = [challenge_box(gts == c, rng) for c in sorted(int(v) for v in np.unique(gts) if v > 0)]
+    # Indexed like the challenge's list: entry c - 1 belongs to class c (None for a class the labels lack).
+    boxes = [challenge_box(gts == c, rng) if (gts == c).any() else None for c in range(1, int(gts.max()) + 1)]
     return Case(name, sitk.GetArrayFromImage(image), gts, tuple(image.GetSpacing()[::-1]), boxes)
 
 
@@ -123,8 +124,9 @@ def run_case(model, case: Case, gru: bool = True, fusion: bool = True, cache: bo
 
     if has_box:
         started = time.perf_counter()
-        for n, c in enumerate(classes):
-            box = case.boxes[n] if n < len(case.boxes) else None
+        for c in classes:
+            # The challenge lists one box per class in label order (labels are 1..N), so class c owns entry c - 1.
+            box = case.boxes[c - 1] if c - 1 < len(case.boxes) else None
             if box:
                 masks[c] = sessions[c].set_box(box_dict_to_kji(box)).mask
         times.append(time.perf_counter() - started)
@@ -165,8 +167,8 @@ def evaluate_folder(folder, out_dir, model, gru=True, fusion=True, cache=True, p
         try:
             case = load_case(path)
             result = run_case(model, case, gru=gru, fusion=fusion, cache=cache)
-        except (InputError, ValueError, OSError) as exc:
-            failed.append({"case": path.name, "error": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - a broken case is reported and the folder goes on
+            failed.append({"case": path.name, "error": f"{type(exc).__name__}: {exc}"})
             continue
         write_case_csv(out / f"{case.name}.csv", case.name, result)
         results[case.name] = (case, result)

@@ -2,7 +2,7 @@
 
 Data: three held-out phantom sets (seeds never used in training, >= 20 structures each), and, when available, the
 pyradiomics ``lung2`` CT with its tumour label (BSD-3 repository; the data's clinical origin is not stated) and the
-nilearn MNI152 brain masks (grey matter, white matter, brain). Variants: GRU on/off, spread vs sparse write-back,
+nilearn MNI152 masks (grey matter, white matter, brain; each its own case since they overlap). Variants: GRU on/off, spread vs sparse write-back,
 fusion on/off. Each structure runs in its own interactive session; clicks follow the challenge rule on the
 current prediction. The last printed line is one JSON object.
 """
@@ -56,18 +56,22 @@ def lung2_case(data_dir: Path):
             tuple(img.GetSpacing()[::-1]))
 
 
-def mni_case():
+def mni_cases() -> list:
+    """The MNI152 T1 template with its grey-matter, white-matter and brain masks, one case per mask (they overlap)."""
     try:
         from nilearn import datasets
     except ImportError:
-        return None
+        return []
     template = datasets.load_mni152_template(resolution=1)
-    labels = np.zeros(template.shape, np.int16)
-    for value, loader in ((1, datasets.load_mni152_gm_mask), (2, datasets.load_mni152_wm_mask)):
-        labels[np.asarray(loader(resolution=1).get_fdata()) > 0] = value
     # nibabel arrays are (I, J, K): transpose to the engine's (K, J, I).
     volume = np.asarray(template.get_fdata(), np.float32).transpose(2, 1, 0)
-    return "mni152", volume, labels.transpose(2, 1, 0), tuple(template.header.get_zooms()[:3][::-1])
+    spacing = tuple(float(z) for z in template.header.get_zooms()[:3][::-1])
+    cases = []
+    for name, loader in (("mni152-gm", datasets.load_mni152_gm_mask), ("mni152-wm", datasets.load_mni152_wm_mask),
+                         ("mni152-brain", datasets.load_mni152_brain_mask)):
+        mask = np.asarray(loader(resolution=1).get_fdata()) > 0
+        cases.append((name, volume, mask.transpose(2, 1, 0).astype(np.int16), spacing))
+    return cases
 
 
 def run_structure(model, volume, gt: np.ndarray, settings: dict, cache, seed: int) -> tuple[list[float], list[float]]:
@@ -143,11 +147,14 @@ def run(model, data_dir: Path | None = None, progress: bool = True) -> dict:
     report["frac_clicks_lower_dice"] = float(np.mean([s["frac_clicks_lower_dice"] for s in report["sets"].values()]))
     report["click_s_p50"] = float(np.median([s["click_s_p50"] for s in report["sets"].values()]))
     report["cases"] = total
-    extra = [c for c in (lung2_case(data_dir) if data_dir else None, mni_case()) if c is not None]
-    for case in extra:
-        report[case[0]] = summarise(evaluate_cases(model, [case], progress=progress))
-    report["unavailable"] = [n for n, ok in (("lung2", any(c[0] == "lung2" for c in extra)),
-                                             ("mni152", any(c[0] == "mni152" for c in extra))) if not ok]
+    lung = lung2_case(data_dir) if data_dir else None
+    brain = mni_cases()
+    if lung is not None:
+        report["lung2"] = summarise(evaluate_cases(model, [lung], progress=progress))
+    if brain:
+        report["mni152"] = summarise(evaluate_cases(model, brain, progress=progress))
+    report["unavailable"] = [name for name, found in (("lung2", lung is not None), ("mni152", bool(brain)))
+                             if not found]
     return report
 
 

@@ -114,12 +114,17 @@ def segment_file(image_path, prompts_path, output, weights=None, device: str = "
     loaded = pick_model(weights)
     model = loaded.model.to(resolve_device(device))
     volume = sitk.GetArrayFromImage(image)
-    session = InteractiveSession(model, volume, spacing=image.GetSpacing()[::-1], gru=gru, text=text)
-    if box is not None:
-        session.set_box(box)
-    for voxel, positive in clicks:
-        session.add_click(voxel, positive)
-    mask = session.mask
+    if box is None and not clicks:
+        from .inference import segment
+
+        mask = segment(model, volume, text=text).mask  # text alone: the official zoom-out-zoom-in
+    else:
+        session = InteractiveSession(model, volume, spacing=image.GetSpacing()[::-1], gru=gru, text=text)
+        if box is not None:
+            session.set_box(box)
+        for voxel, positive in clicks:
+            session.add_click(voxel, positive)
+        mask = session.mask
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     label = sitk.GetImageFromArray(mask)

@@ -32,6 +32,7 @@ class SegVol(nn.Module):
         # Filled by the checkpoint loader: the correction module's weights and the training recipe, if any.
         self.correction_state: dict[str, torch.Tensor] = {}
         self.recipe: dict = {}
+        self.checkpoint_format: str | None = None
 
     @property
     def has_text(self) -> bool:
