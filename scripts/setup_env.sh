@@ -6,7 +6,9 @@ PY=${PYTHON:-python3.11}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q torch==2.13.0
+  # Here torch 2.13.0 comes as a local CPU wheel; elsewhere set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+  # (or a CUDA index) so that pip does not fetch the multi-GB default build.
+  .venv/bin/pip install -q torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 extras=${1:-test}
 stamp=".venv/.installed-$extras"
