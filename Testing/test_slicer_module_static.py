@@ -142,3 +142,122 @@ def test_requirements_leave_out_what_slicer_or_pytorchutils_provide(package):
     names = {re.split(r"[<>=!~\[ ]", line.strip())[0].lower() for line in lines if line.strip() and not line.startswith("#")}
     assert package.lower() not in names
     assert {"monai", "einops", "huggingface_hub", "safetensors"} <= names
+
+
+def method(class_name: str, name: str) -> ast.FunctionDef:
+    classes = {n.name: n for n in module_tree().body if isinstance(n, ast.ClassDef)}
+    return next(f for f in classes[class_name].body if isinstance(f, ast.FunctionDef) and f.name == name)
+
+
+def source(node: ast.AST) -> str:
+    return ast.get_source_segment(MODULE_FILE.read_text(encoding="utf-8"), node)
+
+
+def called_names(node: ast.AST) -> set[str]:
+    """Names of everything called inside ``node``: ``f(...)`` gives f, ``a.b.f(...)`` gives f."""
+    names = set()
+    for call in ast.walk(node):
+        if isinstance(call, ast.Call):
+            target = call.func
+            names.add(target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", ""))
+    return names
+
+
+def caught(node: ast.AST) -> set[str]:
+    return {ast.unparse(h.type) for h in ast.walk(node) if isinstance(h, ast.ExceptHandler) and h.type is not None}
+
+
+def test_shortcuts_are_scoped_to_the_panel_and_exist_only_from_enter_to_exit():
+    enter = source(method("SegVolGRUWidget", "enter"))
+    assert "qt.QShortcut(" in enter and "self.parent)" in enter and "mainWindow" not in enter
+    assert "setContext(qt.Qt.WidgetWithChildrenShortcut)" in enter
+    assert {"disconnect", "setParent"} <= called_names(method("SegVolGRUWidget", "exit"))
+
+
+def test_point_list_observers_are_removed_in_exit_and_cleanup_and_added_back_in_enter():
+    assert "_stopObservingPoints" in called_names(method("SegVolGRUWidget", "exit"))
+    assert {"_stopObservingPoints", "removeObservers"} <= called_names(method("SegVolGRUWidget", "cleanup"))
+    assert "initializeParameterNode" in called_names(method("SegVolGRUWidget", "enter"))
+    handler = source(method("SegVolGRUWidget", "onPointListsChanged"))
+    assert "self._shown" in handler and handler.index("_stopObservingPoints") < handler.index("addObserver")
+
+
+def test_point_list_handler_reads_the_selectors_because_the_parameter_node_is_updated_after_it():
+    handler = source(method("SegVolGRUWidget", "onPointListsChanged"))
+    assert "positivePointsSelector.currentNode()" in handler and "negativePointsSelector.currentNode()" in handler
+    assert "_parameterNode" not in handler
+
+
+def test_requirements_import_slicer_packaging_and_fall_back_to_pip_install_on_older_slicer():
+    setup = method("SegVolGRULogic", "setupPythonRequirements")
+    imported = {a.name for n in ast.walk(setup) if isinstance(n, ast.Import) for a in n.names}
+    assert "slicer.packaging" in imported
+    assert {"pip_ensure", "load_requirements", "pip_install"} <= called_names(setup)
+    assert 'requester="SegVolGRU"' in source(setup) and 'hasattr(slicer, "packaging")' not in source(setup)
+    assert "testing" in source(setup), "tests (--testing) must say which packages are missing, not pass silently"
+
+
+def test_a_finished_step_is_applied_only_to_the_workflow_that_prepared_it():
+    poll = source(method("SegVolGRULogic", "_poll"))
+    assert "self._workflow.apply" not in poll and "workflow is not self._workflow" in poll
+    assert "self._running = (self._workflow, step" in source(method("SegVolGRULogic", "_startNext"))
+
+
+def test_user_actions_and_device_detection_catch_every_exception_and_log_the_traceback():
+    run = method("SegVolGRUWidget", "run")
+    assert "Exception" in caught(run) and "exc_info=True" in source(run)
+    assert {"errorDisplay", "showStatus"} <= called_names(run)
+    detect = method("SegVolGRULogic", "detectedDevice")
+    assert "Exception" in caught(detect) and "torch not available: {0}" in source(detect)
+
+
+def test_setup_does_not_import_torch_for_the_device_label():
+    assert "detectedDevice" not in called_names(method("SegVolGRUWidget", "setup"))
+    status = source(method("SegVolGRUWidget", "updateWeightsStatus"))
+    assert "if not self.ui.settingsCollapsibleButton.collapsed:" in status
+
+
+def test_segment_button_applies_the_box_and_then_the_pending_clicks():
+    assert "segment" in called_names(method("SegVolGRUWidget", "onSegmentButton"))
+    segment = method("SegVolGRULogic", "segment")
+    assert {"submit", "syncClicks"} <= called_names(segment)
+    assert "sync_step" in called_names(method("SegVolGRULogic", "_boxOrPendingStep"))
+
+
+def test_demo_model_is_named_with_its_warning_wherever_the_weights_in_use_are_named():
+    constants = {n.targets[0].id: n.value.value for n in module_tree().body if isinstance(n, ast.Assign)
+                 and isinstance(n.targets[0], ast.Name) and isinstance(n.value, ast.Constant)}
+    assert constants["_DEMO_LABEL"] == "DEMO model \u2014 trained on phantoms, not for clinical use"
+    for name in ("weightsStatus", "loadModel"):
+        assert "_DEMO_LABEL" in source(method("SegVolGRULogic", name))
+    assert "demo model (for trying" not in MODULE_FILE.read_text(encoding="utf-8")
+
+
+def test_weights_download_runs_on_a_thread_while_the_main_thread_only_waits_with_cancel():
+    calls = {n.name for n in module_tree().body if isinstance(n, ast.FunctionDef)
+             and "download_official_weights" in called_names(n)}
+    assert calls == {"_downloadInto"}
+    download = source(method("SegVolGRULogic", "downloadOfficialWeights"))
+    assert "threading.Thread(target=_downloadInto" in download and "daemon=True" in download
+    assert "progress.wasCanceled" in download and "processEvents" in download
+
+
+def test_text_prompt_is_enabled_only_when_the_model_has_a_text_tower():
+    assert "has_text" in source(method("SegVolGRULogic", "textPromptAvailable"))
+    update = source(method("SegVolGRUWidget", "updateTextPrompt"))
+    assert "textPromptLineEdit.enabled = available" in update and "no text tower" in update
+    enabled = ui_widgets()["textPromptLineEdit"].find("property[@name='enabled']/bool")
+    assert enabled is not None and enabled.text == "false"
+
+
+def test_self_test_runs_the_requirements_setup_and_skips_with_its_reason():
+    scene = method("SegVolGRUTest", "_scene")
+    assert "setupPythonRequirements" in called_names(scene) and "SkipTest" in called_names(scene)
+    assert "InstallError" in " ".join(caught(scene))
+
+
+def test_slicer_workflow_test_names_the_session_undo_and_checks_the_editor_logic_undo():
+    text = (ROOT / "Testing" / "Slicer" / "SegVolGRUWorkflowTest.py").read_text(encoding="utf-8")
+    names = re.findall(r"def (test_\w+)", text)
+    assert not [n for n in names if "segment_editor_undo" in n]
+    assert any("session_undo" in n for n in names) and "editor_logic.Undo()" in text

@@ -1,13 +1,15 @@
 """SegmentationWorkflow inside the Slicer application: the application's scene and logics, and a scene
-bundle (.mrb) that is saved, reopened and resumed by replay.
+bundle (.mrb) that is saved, reopened and resumed by replay, Slicer's own undo of the workflow's writes, and a
+box with the official weights (skipped when they are not downloaded).
 
 Runs only inside Slicer (`ctest -R py_SegVolGRUWorkflowTest`, or
 `Slicer --no-main-window --testing --python-script Testing/Slicer/SegVolGRUWorkflowTest.py`); pytest never
-collects it. Uses a tiny synthetic SegVol, so it checks mechanics, not segmentation quality; skipped with its
-reason when torch is not installed.
+collects it. Apart from the official-weights test it uses a tiny synthetic SegVol, so it checks mechanics, not
+segmentation quality; skipped with its reason when torch, monai or einops are not installed.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import unittest
@@ -33,8 +35,12 @@ class SegVolGRUWorkflowTest(unittest.TestCase):
     def setUp(self) -> None:
         try:
             import torch  # noqa: F401
-        except ImportError:
-            self.skipTest("torch is not installed (install it with the PyTorch Utils module)")
+        except Exception as error:  # ImportError, or OSError from a broken CUDA build
+            self.skipTest(f"torch is not available ({error}); install it with the PyTorch Utils module")
+        missing = [name for name in ("monai", "einops") if importlib.util.find_spec(name) is None]
+        if missing:
+            self.skipTest(f"{', '.join(missing)} not installed; tests install nothing: run the SegVolGRU module once "
+                          "(it installs them) or slicer.util.pip_install them")
         slicer.mrmlScene.Clear()
         import numpy as np
 
@@ -66,7 +72,7 @@ class SegVolGRUWorkflowTest(unittest.TestCase):
         workflow.sync_clicks(positive, None)
         return roi, positive
 
-    def test_segment_editor_undo_reverts_the_last_click(self) -> None:
+    def test_session_undo_removes_the_last_click_and_its_point_and_redo_restores_them(self) -> None:
         from segvolgru.slicer_bridge import read_segment_mask
 
         workflow = self._workflow(self.segmentation)
@@ -77,6 +83,39 @@ class SegVolGRUWorkflowTest(unittest.TestCase):
         self.assertEqual(positive.GetNumberOfControlPoints(), 0)
         workflow.redo()
         self.assertTrue((read_segment_mask(self.segmentation, workflow.segment_id, self.volume) == after_click).all())
+
+    def test_editor_logic_undo_restores_the_segment_before_the_last_write_and_redo_reapplies_it(self) -> None:
+        import numpy as np
+        from segvolgru.slicer_bridge import read_segment_mask, write_segment_mask
+
+        workflow = self._workflow(self.segmentation)
+        if workflow.editor_logic is None:
+            self.skipTest("this Slicer has no vtkSlicerSegmentEditorLogic (5.10 and later): writes are not undoable")
+        segment_id = workflow.new_segment("tumour")
+        known = np.zeros((16, 40, 48), np.uint8)
+        known[4:12, 10:30, 12:36] = 1
+        write_segment_mask(self.segmentation, segment_id, known, self.volume, (4, 10, 12, 11, 29, 35),
+                           workflow.editor_logic)
+        workflow.clear_segment()  # one undoable write through the same editor logic
+        self.assertFalse(read_segment_mask(self.segmentation, segment_id, self.volume).any())
+        self.assertTrue(workflow.editor_logic.CanUndo())
+        workflow.editor_logic.Undo()
+        np.testing.assert_array_equal(read_segment_mask(self.segmentation, segment_id, self.volume), known)
+        workflow.editor_logic.Redo()
+        self.assertFalse(read_segment_mask(self.segmentation, segment_id, self.volume).any())
+
+    def test_box_with_the_official_weights_gives_a_non_empty_segment(self) -> None:
+        from segvolgru import load_model
+        from segvolgru.slicer_bridge import read_segment_mask
+        from segvolgru.weights import resolve_weights
+
+        path = resolve_weights()
+        if path is None:
+            self.skipTest("the official SegVol weights are not downloaded (module Settings > Download)")
+        self.model = load_model(path)
+        workflow = self._workflow(self.segmentation)
+        self._place(workflow)
+        self.assertTrue(read_segment_mask(self.segmentation, workflow.segment_id, self.volume).any())
 
     def test_saved_scene_bundle_resumes_the_session_by_replay(self) -> None:
         from segvolgru.slicer_bridge import read_segment_mask
