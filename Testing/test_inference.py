@@ -184,3 +184,14 @@ def test_region_upsampling_equals_slicing_the_full_upsampling():
                           ((120, 70, 500), (slice(119, 120), slice(0, 70), slice(250, 499)))]:
         full = upsample_nearest(grid_map, shape)[region]
         assert torch.equal(upsample_nearest_region(grid_map, shape, region), full)
+
+
+def test_preprocess_of_a_fortran_ordered_volume_is_identical():
+    import segvolgru
+
+    volume = ct_like()
+    a = segvolgru.preprocess(volume, spatial_size=(16, 64, 64))
+    b = segvolgru.preprocess(np.asfortranarray(volume), spatial_size=(16, 64, 64))
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.zoom_out, b.zoom_out)
+    assert a.crop_start == b.crop_start and a.crop_stop == b.crop_stop

@@ -33,7 +33,7 @@ def ct_like_volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     k, j, i = np.ogrid[:shape[0], :shape[1], :shape[2]]
     body = ((j - shape[1] / 2) / (0.45 * shape[1])) ** 2 + ((i - shape[2] / 2) / (0.48 * shape[2])) ** 2 < 1
-    volume = np.broadcast_to(np.where(body, 40, -1000), shape).astype(np.int16)
+    volume = np.ascontiguousarray(np.broadcast_to(np.where(body, 40, -1000), shape), dtype=np.int16)
     volume += rng.normal(0, 15, shape).astype(np.int16)
     volume[shape[0] // 4: shape[0] // 4 + shape[0] // 2, shape[1] // 4: shape[1] // 2, shape[2] // 4: shape[2] // 2] += 60
     return volume
