@@ -13,6 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from segvolgru.errors import InputError
+from segvolgru.metrics import as_mask_pair
 
 # The challenge block-max downsamples the EDT crop above this many voxels (its padded crop, see below) to
 # bound memory; below it the EDT is exact.
@@ -29,16 +30,6 @@ class Click:
     j: int
     i: int
     positive: bool
-
-
-def _as_volume_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pred = np.asarray(pred)
-    gt = np.asarray(gt)
-    if pred.ndim != 3 or gt.shape != pred.shape:
-        raise InputError(
-            f"prediction {pred.shape} and ground truth {gt.shape} must be 3-D (K, J, I) masks of one shape: "
-            "pass one class's binary masks of the same volume")
-    return pred != 0, gt != 0
 
 
 def _as_mask(mask: np.ndarray, what: str) -> np.ndarray:
@@ -103,7 +94,7 @@ def simulate_click(pred: np.ndarray, gt: np.ndarray, seed: int = 42) -> Click | 
     Returns a ``Click`` whose (k, j, i) lies in the component, positive (foreground) when ``gt`` is set
     there (under-segmentation), negative otherwise (over-segmentation).
     """
-    pred_mask, gt_mask = _as_volume_pair(pred, gt)
+    pred_mask, gt_mask = (m != 0 for m in as_mask_pair(pred, gt))
     error = pred_mask != gt_mask
     if not error.any():
         return None

@@ -17,13 +17,14 @@ CHALLENGE_CLICKS = 5
 NSD_MIN_DSC = 0.2
 
 
-def _as_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def as_mask_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Check that a prediction and its ground truth are 3-D (K, J, I) arrays of one shape (shared with clicks)."""
     pred = np.asarray(pred)
     gt = np.asarray(gt)
     if pred.ndim != 3 or pred.shape != gt.shape:
         raise InputError(
             f"prediction {pred.shape} and ground truth {gt.shape} must be 3-D (K, J, I) arrays of one shape: "
-            "score a prediction against the ground truth of the same volume")
+            "pass a prediction and the ground truth of the same volume")
     return pred, gt
 
 
@@ -41,7 +42,7 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
 
     Two empty masks agree perfectly and score 1.0 (the formula alone would be 0/0).
     """
-    pred, gt = _as_pair(pred, gt)
+    pred, gt = as_mask_pair(pred, gt)
     pred = pred != 0
     gt = gt != 0
     total = int(pred.sum()) + int(gt.sum())
@@ -83,7 +84,7 @@ def surface_dice(pred: np.ndarray, gt: np.ndarray, spacing_mm: Sequence[float],
     area as DeepMind's; oblique ones get the staircase area (up to sqrt(3) times more), and distances can
     differ by up to half a voxel per axis because the two codes place surface elements differently.
     """
-    pred, gt = _as_pair(pred, gt)
+    pred, gt = as_mask_pair(pred, gt)
     spacing = _as_spacing(spacing_mm)
     pred = pred != 0
     gt = gt != 0
@@ -133,7 +134,7 @@ def _case_classes(gt: np.ndarray, classes: Sequence[int] | None) -> list[int]:
 
 def _step_scores(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, float, float],
                  classes: list[int]) -> tuple[float, float]:
-    pred, gt = _as_pair(pred, gt)
+    pred, gt = as_mask_pair(pred, gt)
     dsc = float(np.mean([dice(pred == c, gt == c) for c in classes]))
     if dsc <= NSD_MIN_DSC:
         return dsc, 0.0

@@ -68,6 +68,7 @@ class _Step:
     writes: list[tuple[tuple[slice, ...], torch.Tensor, torch.Tensor]] = field(default_factory=list)
     regions_before: int = 0
     new_regions: list[_Region] = field(default_factory=list)
+    record: bool = True
     before: _State | None = None  # set for steps that rebuild the whole state
     after: _State | None = None
 
@@ -356,7 +357,9 @@ class InteractiveSession:
         the fusion with the previous logits. A click inside the frozen ROI skips the zoom-out pass: inside the ROI
         its logits are replaced by the windows'."""
         prompts = (self.prompts if done is None else done) + [prompt]
-        step = _Step(prompt, hidden_before=self._state.hidden, regions_before=len(self._state.regions))
+        # Clicks replayed inside a rebuild are undone with the rebuild as a whole: they keep no copies.
+        step = _Step(prompt, hidden_before=self._state.hidden, regions_before=len(self._state.regions),
+                     record=done is None)
         pts, labels = self._clicks(prompts)
         crop_box, crop_pts = prompts_in_crop(self._prepared, self._box(prompts), pts)
         click = crop_pts[-1]
@@ -409,14 +412,15 @@ class InteractiveSession:
             delta, hidden = self.model.correction(rows, hidden)
             corrected = apply_deltas(logits, rows, delta, local_clicks[-1], config)
         state.hidden = hidden.clone()
-        if step is None:
-            state.logits[sl] = corrected
-        else:
-            self._write(step, sl, corrected)
+        self._write(step, sl, corrected, state)
 
-    def _write(self, step: _Step, sl: tuple[slice, ...], new: torch.Tensor) -> None:
-        step.writes.append((sl, self._state.logits[sl].clone(), new.clone()))
-        self._state.logits[sl] = new
+    def _write(self, step: _Step | None, sl: tuple[slice, ...], new: torch.Tensor,
+               state: _State | None = None) -> None:
+        """Write logits; only steps that can be undone keep copies of the old and new values."""
+        state = state or self._state
+        if step is not None and step.record:
+            step.writes.append((sl, state.logits[sl].clone(), new.clone()))
+        state.logits[sl] = new
 
     def _check_volume(self) -> None:
         if fingerprint(self._caller) != self._fingerprint:
