@@ -8,17 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from segvolgru.checkpoint import load_model, read_checkpoint
+from segvolgru.checkpoint import load_model, read_checkpoint, save_checkpoint
 from segvolgru.clicks import box_dict_to_kji, challenge_box, simulate_click
 from segvolgru.config import TINY_CONFIG
 from segvolgru.correction import CorrectionConfig
 from segvolgru.errors import InputError, WeightsError
 from segvolgru.metrics import dice
+from segvolgru.network import build_model
 from segvolgru.phantoms import make_phantom
 from segvolgru import demo_model
 from segvolgru.demo_model import demo_model_path
 from segvolgru.session import InteractiveSession
-from segvolgru.train import HELD_OUT_SEED_BASE, TrainSettings, main, prepare_sample, train
+from segvolgru.train import (HELD_OUT_SEED_BASE, TrainSettings, main, prepare_sample, train,
+                             trainable_parameters)
+from segvolgru.train_data import FolderSource
 
 TINY_GRU_CONFIG = dataclasses.replace(TINY_CONFIG, correction=CorrectionConfig(
     k=32, hidden_size=32, row_dim=16, error_radius=6.0, fusion_radius=6.0).to_dict())
@@ -94,6 +97,133 @@ def test_labels_follow_the_preprocessing_crop_and_resampling():
     assert sample.labels.sum() == 4 * 8 * 8
     with pytest.raises(InputError, match="shape"):
         prepare_sample(volume, labels[:5], (12, 20, 20))
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """Two challenge npz cases and one NIfTI image/label pair, phantoms of another size than the model input."""
+    import SimpleITK as sitk
+
+    folder = tmp_path_factory.mktemp("cases")
+    for name, seed in (("a", 11), ("b", 12)):
+        volume, labels, spacing = make_phantom(seed, (20, 48, 48))
+        np.savez(folder / f"{name}.npz", imgs=volume, gts=labels, spacing=np.array(spacing))
+    volume, labels, spacing = make_phantom(13, (18, 40, 44))
+    for array, suffix in ((volume, ""), (labels, "_label")):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(spacing[::-1])
+        sitk.WriteImage(image, str(folder / f"c{suffix}.nii.gz"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def init_model(tmp_path_factory):
+    """A randomly initialised tiny model file for --init (fp32, so its weights compare exactly)."""
+    path = tmp_path_factory.mktemp("init") / "tiny.pt"
+    torch.manual_seed(5)
+    save_checkpoint(build_model(TINY_GRU_CONFIG), path)
+    return path
+
+
+def test_training_on_npz_and_nifti_cases_names_the_folder_and_cases_in_the_recipe(cases, tmp_path):
+    train(TINY_GRU_CONFIG, tmp_path, TINY_SETTINGS, progress=False, data=cases)
+    records = [json.loads(line) for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    data = load_model(tmp_path / "model.pt").recipe["data"]
+    assert data["folder"] == str(cases.resolve()) and data["cases"] == ["a.npz", "b.npz", "c.nii.gz"]
+    assert "phantom" not in json.dumps(data)
+
+
+def test_folder_source_draws_from_seed_and_step_and_skips_cases_without_labels(cases, tmp_path):
+    source = FolderSource(cases, TINY_CONFIG.spatial_size, seed=3)
+    again = FolderSource(cases, TINY_CONFIG.spatial_size, seed=3)
+    for step in (4, 0, 4, 9):
+        first, second = source(step), again(step)
+        assert first.image.shape == first.labels.shape == TINY_CONFIG.spatial_size
+        assert np.array_equal(first.image, second.image) and np.array_equal(first.labels, second.labels)
+    assert len({source(step).image.tobytes() for step in range(12)}) == 3
+    volume, labels, spacing = make_phantom(14, (20, 48, 48))
+    np.savez(tmp_path / "empty.npz", imgs=volume, gts=np.zeros_like(labels), spacing=np.array(spacing))
+    with pytest.warns(UserWarning, match="empty.npz"):
+        only_empty = FolderSource(tmp_path, TINY_CONFIG.spatial_size, seed=0)
+        with pytest.raises(InputError, match="empty.npz: its labels are empty"):
+            only_empty(0)
+
+
+def test_a_folder_without_cases_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(InputError, match="no cases"):
+        train(TINY_GRU_CONFIG, tmp_path / "out", TINY_SETTINGS, progress=False, data=tmp_path / "data")
+    assert not (tmp_path / "out").exists()
+
+
+def _changed(before: dict[str, torch.Tensor], model) -> set[str]:
+    return {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+
+
+def test_train_correction_from_init_changes_only_correction_tensors(init_model, tmp_path):
+    before = read_checkpoint(init_model).state
+    model = train(None, tmp_path, dataclasses.replace(TINY_SETTINGS, part="correction"), progress=False,
+                  init=init_model)
+    changed = _changed(before, model)
+    assert changed and all(k.startswith("correction.") for k in changed), changed
+    assert model.correction.head[-1].weight.abs().sum() > 0
+    optimised = torch.load(tmp_path / "train_state.pt", weights_only=False)["optimizer"]["param_groups"][0]["params"]
+    assert len(optimised) == len(list(model.correction.parameters()))
+    recipe = load_model(tmp_path / "model.pt").recipe
+    assert recipe["init"] == str(init_model.resolve()) and recipe["settings"]["part"] == "correction"
+
+
+def test_train_decoder_leaves_the_image_encoder_bit_identical(init_model, cases, tmp_path):
+    before = read_checkpoint(init_model).state
+    model = train(None, tmp_path, dataclasses.replace(TINY_SETTINGS, part="decoder"), progress=False,
+                  init=init_model, data=cases)
+    changed = _changed(before, model)
+    assert not {k for k in changed if k.startswith("image_encoder.")}
+    assert any(k.startswith("mask_decoder.") for k in changed) and any(k.startswith("prompt_encoder.") for k in changed)
+
+
+def test_trainable_parameters_freeze_by_part_and_reject_unknown_parts():
+    model = build_model(TINY_GRU_CONFIG)
+    assert len(trainable_parameters(model, "all")) == len(list(model.parameters()))
+    trained = {id(p) for p in trainable_parameters(model, "decoder")}
+    assert not any(id(p) in trained or p.requires_grad for p in model.image_encoder.parameters())
+    assert all(id(p) in trained for p in model.mask_decoder.parameters())
+    with pytest.raises(InputError, match="correction"):
+        trainable_parameters(model, "encoder")
+
+
+def test_resumed_decoder_fine_tune_on_a_folder_equals_an_uninterrupted_one(init_model, cases, tmp_path):
+    settings = dataclasses.replace(TINY_SETTINGS, part="decoder")
+    full = _state(train(None, tmp_path / "full", settings, progress=False, init=init_model, data=cases))
+    train(None, tmp_path / "resumed", settings, progress=False, init=init_model, data=cases, until=1)
+    resumed = _state(train(None, tmp_path / "resumed", settings, progress=False, init=init_model, data=cases))
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+
+
+def test_resume_with_another_part_is_refused(init_model, tmp_path):
+    train(None, tmp_path, dataclasses.replace(TINY_SETTINGS, part="correction"), progress=False, init=init_model,
+          until=1)
+    with pytest.raises(InputError, match="--train correction"):
+        train(None, tmp_path, dataclasses.replace(TINY_SETTINGS, part="decoder"), progress=False, init=init_model)
+
+
+def test_init_without_correction_is_refused(tmp_path):
+    path = tmp_path / "plain.pt"
+    save_checkpoint(build_model(TINY_CONFIG), path)
+    with pytest.raises(InputError, match="no correction entry"):
+        train(None, tmp_path / "out", TINY_SETTINGS, progress=False, init=path)
+
+
+def test_command_trains_a_data_folder_from_an_init_model(init_model, cases, tmp_path):
+    out = tmp_path / "out"
+    assert main([str(out), "--data", str(cases), "--init", str(init_model), "--train", "decoder", "--steps", "2",
+                 "--checkpoint-every", "0", "--device", "cpu"]) == 0
+    recipe = load_model(out / "model.pt").recipe
+    assert recipe["steps_done"] == 2 and recipe["settings"]["part"] == "decoder"
+    assert recipe["data"]["cases"] == ["a.npz", "b.npz", "c.nii.gz"] and "--data" in recipe["command"]
 
 
 def test_command_help_exits_cleanly(capsys):

@@ -1,15 +1,18 @@
 """``segvolgru train``: a reduced SegVol (no text tower) and its GRU click correction, trained together.
 
-One training step takes one generated phantom (or one image/label pair) at the model's input size, runs the official
-preprocessing, encodes it once, and for up to ``structures_per_step`` of its labels plays an interactive session as
+One training step takes one generated phantom (or one image/label case of ``--data``, see
+:mod:`segvolgru.train_data`) at the model's input size, runs the official preprocessing, encodes it once, and for
+up to ``structures_per_step`` of its labels plays an interactive session as
 :class:`~segvolgru.session.InteractiveSession` does: a box prompt (the challenge's box rule), then rounds of the
 challenge's simulated corrective clicks on the current prediction (p > 0.5). Every click round re-decodes SegVol with
 the box and all clicks so far, builds the correction rows from the detached probabilities, runs the GRU cell with
 the hidden state carried from the previous round (gradients flow through it), writes the deltas back and fuses with
 the previous round's logits. The loss is Dice + BCE on the box step's logits and on every round's corrected logits.
 
-Every random draw of a step comes from generators seeded by (seed, step), so a resumed run repeats an uninterrupted
-one exactly. Volumes are (K, J, I) = (D, H, W) numpy arrays; prompts are voxel indices of the model input.
+``--init`` starts from a model file instead of random weights, and ``--train correction|decoder`` freezes the rest
+(:func:`trainable_parameters`) for a fine-tune. Every random draw of a step comes from generators seeded by
+(seed, step), so a resumed run repeats an uninterrupted one exactly. Volumes are (K, J, I) = (D, H, W) numpy
+arrays; prompts are voxel indices of the model input.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .checkpoint import save_checkpoint
+from .checkpoint import Checkpoint, apply_state, read_checkpoint, save_checkpoint
 from .clicks import box_dict_to_kji, challenge_box, simulate_click
 from .config import SegVolConfig
 from .correction import CorrectionConfig, apply_deltas, build_rows, fuse
@@ -36,6 +39,7 @@ from .errors import InputError
 from .network import SegVol, build_model
 from .phantoms import make_phantom
 from .preprocessing import nearest_exact_indices, preprocess
+from .train_data import FolderSource
 
 # Click rounds per structure: mostly 2-3, rarely 0 or 5 (the issue's schedule).
 CLICK_ROUNDS = (0, 1, 2, 3, 4, 5)
@@ -44,6 +48,9 @@ SEGVOL_CLICK_LOSS_WEIGHT = 0.5
 # Training phantoms use seeds seed * PHANTOM_SEED_STRIDE + step; held-out sets use seeds from HELD_OUT_SEED_BASE.
 PHANTOM_SEED_STRIDE = 1_000_000
 HELD_OUT_SEED_BASE = 900_000_000
+# Parameter-name prefixes each ``--train`` part optimises; every other parameter is frozen.
+TRAINED_PREFIXES = {"all": ("",), "correction": ("correction.",),
+                    "decoder": ("mask_decoder.", "prompt_encoder.", "correction.")}
 
 DEMO_CONFIG = SegVolConfig(
     spatial_size=(32, 96, 96), patch_size=(4, 16, 16), hidden_size=192, mlp_dim=768, num_layers=4, num_heads=6,
@@ -64,6 +71,7 @@ class TrainSettings:
     structures_per_step: int = 2
     checkpoint_every_s: float = 180.0
     max_minutes: float | None = None
+    part: str = "all"
 
 
 @dataclass
@@ -92,6 +100,19 @@ def phantom_source(seed: int, spatial_size: Sequence[int]) -> Callable[[int], Sa
         return prepare_sample(volume, labels, spatial_size)
 
     return sample
+
+
+def trainable_parameters(model: SegVol, part: str) -> list[torch.nn.Parameter]:
+    """The parameters ``part`` trains (see TRAINED_PREFIXES); the others get ``requires_grad=False``, so that
+    no gradient is computed for them, and are left out of the optimiser, so that weight decay does not move them."""
+    if part not in TRAINED_PREFIXES:
+        raise InputError(f"unknown training part {part!r}: choose one of {', '.join(TRAINED_PREFIXES)}")
+    trained = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith(TRAINED_PREFIXES[part]))
+        if parameter.requires_grad:
+            trained.append(parameter)
+    return trained
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -163,7 +184,9 @@ def train_step(model: SegVol, optimizer: torch.optim.Optimizer, sample: Sample, 
     present = [int(v) for v in np.unique(sample.labels) if v > 0]
     chosen = rng.permutation(present)[:settings.structures_per_step] if present else []
     image = torch.from_numpy(sample.image)[None, None].to(device)
-    embedding = model.encode(image)
+    # A frozen encoder needs no autograd graph: its activations are the largest of the step.
+    with torch.set_grad_enabled(any(p.requires_grad for p in model.image_encoder.parameters())):
+        embedding = model.encode(image)
     total = torch.zeros((), device=device)
     box_dice, last_dice, clicks = [], [], 0
     for value in chosen:
@@ -174,7 +197,8 @@ def train_step(model: SegVol, optimizer: torch.optim.Optimizer, sample: Sample, 
         last_dice.append(dices[-1])
         clicks += len(dices) - 1
     optimizer.zero_grad(set_to_none=True)
-    if len(chosen):
+    # With a frozen SegVol a step whose sessions had no click round leaves nothing trainable in the loss.
+    if len(chosen) and total.requires_grad:
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
@@ -189,19 +213,23 @@ def _learning_rate(settings: TrainSettings, step: int) -> float:
 
 
 def _save_state(path: Path, model: SegVol, optimizer: torch.optim.Optimizer, step: int, log: list[dict],
-                recipe: dict) -> None:
+                recipe: dict, part: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"config": model.config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "log": log, "recipe": recipe, "torch_rng": torch.get_rng_state(),
+                "step": step, "log": log, "recipe": recipe, "part": part, "torch_rng": torch.get_rng_state(),
                 "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}, tmp)
     tmp.replace(path)  # a crash while writing never leaves a truncated resume file
 
 
-def _load_state(path: Path, model: SegVol, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+def _load_state(path: Path, model: SegVol, optimizer: torch.optim.Optimizer, part: str) -> tuple[int, list[dict]]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state["config"] != model.config.to_dict():
         raise InputError(f"{path} was written for another model configuration: resume with the configuration it "
                          "was trained with, or start a new run in another folder")
+    saved = state.get("part", "all")  # resume files from before --train trained everything
+    if saved != part:
+        raise InputError(f"{path} was written by a '--train {saved}' run, this one is '--train {part}': resume "
+                         f"with --train {saved}, or start the new run in another folder (or with --no-resume)")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
@@ -210,9 +238,21 @@ def _load_state(path: Path, model: SegVol, optimizer: torch.optim.Optimizer) -> 
     return int(state["step"]), list(state["log"])
 
 
-def train(config: SegVolConfig, out_dir: str | Path, settings: TrainSettings = TrainSettings(),
+def _init_checkpoint(init: str | Path, config: SegVolConfig | None) -> Checkpoint:
+    ckpt = read_checkpoint(init)
+    if ckpt.config is None or not ckpt.config.correction:
+        raise InputError(f"{init} has no correction entry in its configuration: --init needs a segvolgru model file "
+                         "with the GRU correction (e.g. segvolgru/models/demo.pt or a model.pt of 'segvolgru train')")
+    if config is not None and config != ckpt.config:
+        raise InputError(f"{init} holds another model configuration than the one given: pass config=None to "
+                         "train the checkpoint's own configuration")
+    return ckpt
+
+
+def train(config: SegVolConfig | None, out_dir: str | Path, settings: TrainSettings = TrainSettings(),
           source: Callable[[int], Sample] | None = None, resume: bool = True, device: str = "auto",
-          recipe: dict | None = None, progress: bool = True, until: int | None = None) -> SegVol:
+          recipe: dict | None = None, progress: bool = True, until: int | None = None,
+          data: str | Path | None = None, init: str | Path | None = None) -> SegVol:
     """Train ``config`` (which needs a ``correction`` entry) for ``settings.steps`` steps, or stop at step
     ``until`` (the learning-rate schedule still spans ``settings.steps``, so a run split with ``until`` and resumed
     equals an uninterrupted one).
@@ -221,28 +261,52 @@ def train(config: SegVolConfig, out_dir: str | Path, settings: TrainSettings = T
     ``checkpoint_every_s`` seconds and at the end), ``loss_log.jsonl`` (one record per step) and ``model.pt``
     (the project's checkpoint format, fp16, with the recipe). With ``resume`` an existing ``train_state.pt`` is
     continued and the loss log is rewritten from it (records after its last save are dropped, then redone).
-    ``source(step)`` gives each step's sample (default: phantoms of the seed). ``device`` "auto" takes a GPU when
-    one is present. Returns the trained model in eval mode on the CPU.
+    ``source(step)`` gives each step's sample (default: phantoms of the seed); ``data`` instead draws the cases of
+    a folder (:class:`~segvolgru.train_data.FolderSource`, named in the recipe). ``init`` starts from a model
+    file, whose configuration is trained (``config`` may then be None); ``settings.part`` selects what is trained
+    (:func:`trainable_parameters`). ``device`` "auto" takes a GPU when one is present. Returns the trained model in
+    eval mode on the CPU.
     """
+    ckpt = _init_checkpoint(init, config) if init is not None else None
+    config = ckpt.config if ckpt is not None else config
+    if config is None:
+        raise InputError("train() needs a configuration or an init checkpoint to take it from")
     if not config.correction:
         raise InputError("the configuration has no correction module: set config.correction (e.g. "
                          "CorrectionConfig().to_dict()) so that the GRU is trained with SegVol")
     if config.text_tower:
         raise InputError("training starts from scratch without a text tower: use text_tower=False")
-    if source is None and (settings.seed + 1) * PHANTOM_SEED_STRIDE + settings.steps > HELD_OUT_SEED_BASE:
-        raise InputError(f"seed {settings.seed} with {settings.steps} steps would train on held-out phantoms "
-                         f"(seeds from {HELD_OUT_SEED_BASE}): use a seed below {HELD_OUT_SEED_BASE // PHANTOM_SEED_STRIDE - 1}")
+    if source is not None and data is not None:
+        raise InputError("give either a sample source or a data folder, not both")
+    recipe = dict(recipe or {}, settings=dataclasses.asdict(settings))
+    if data is not None:
+        # Built before anything is written, so that a folder without cases leaves no output folder behind.
+        source = FolderSource(data, config.spatial_size, settings.seed)
+        recipe["data"] = source.recipe()
+    if source is None:
+        if (settings.seed + 1) * PHANTOM_SEED_STRIDE + settings.steps > HELD_OUT_SEED_BASE:
+            raise InputError(f"seed {settings.seed} with {settings.steps} steps would train on held-out phantoms "
+                             f"(seeds from {HELD_OUT_SEED_BASE}): use a seed below "
+                             f"{HELD_OUT_SEED_BASE // PHANTOM_SEED_STRIDE - 1}")
+        recipe.setdefault("data", f"segvolgru.phantoms.make_phantom(seed * {PHANTOM_SEED_STRIDE} + step, shape="
+                                  f"{list(config.spatial_size)}), preprocessed with segvolgru.preprocess")
+    if init is not None:
+        recipe["init"] = str(Path(init).resolve())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           ("cpu" if device == "auto" else device))
     torch.manual_seed(settings.seed)
-    model = build_model(config).to(target).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    model = build_model(config)
+    if ckpt is not None:
+        apply_state(model, ckpt, source=str(init))
+    model = model.to(target).train()
+    optimizer = torch.optim.AdamW(trainable_parameters(model, settings.part), lr=settings.lr,
+                                  weight_decay=settings.weight_decay)
     source = source or phantom_source(settings.seed, config.spatial_size)
     state_path, log_path = out / "train_state.pt", out / "loss_log.jsonl"
-    step, log = (_load_state(state_path, model, optimizer) if resume and state_path.exists() else (0, []))
-    recipe = dict(recipe or {}, settings=dataclasses.asdict(settings))
+    step, log = (_load_state(state_path, model, optimizer, settings.part) if resume and state_path.exists()
+                 else (0, []))
     started = time.perf_counter()
     last_save = started
     bar = None
@@ -269,11 +333,11 @@ def train(config: SegVolConfig, out_dir: str | Path, settings: TrainSettings = T
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", box=record["box_dice"], final=record["final_dice"])
             if time.perf_counter() - last_save > settings.checkpoint_every_s:
-                _save_state(state_path, model, optimizer, step, log, recipe)
+                _save_state(state_path, model, optimizer, step, log, recipe, settings.part)
                 last_save = time.perf_counter()
     if bar is not None:
         bar.close()
-    _save_state(state_path, model, optimizer, step, log, dict(recipe, device=str(target)))
+    _save_state(state_path, model, optimizer, step, log, dict(recipe, device=str(target)), settings.part)
     export_model(state_path, out / "model.pt")
     return model.eval().cpu()
 
@@ -293,12 +357,23 @@ def export_model(state_path: str | Path, model_path: str | Path) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="segvolgru train",
-        description="Train a reduced SegVol (no text tower) and its GRU click correction on generated phantoms. "
-                    "Writes train_state.pt (resumable), loss_log.jsonl and model.pt (a DEMO model, not for "
-                    "clinical use) into OUT.")
+        description="Train a reduced SegVol (no text tower) and its GRU click correction on generated phantoms "
+                    "or on the image/label cases of a folder, from scratch or from a model file. Writes "
+                    "train_state.pt (resumable), loss_log.jsonl and model.pt (a DEMO model, not for clinical use) "
+                    "into OUT.")
     parser.add_argument("out", help="output folder (resumes from OUT/train_state.pt when present)")
     parser.add_argument("--steps", type=int, default=TrainSettings.steps, help="optimisation steps (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the phantoms and of every draw (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the phantoms (or of the case draw) and of every draw (default 0)")
+    parser.add_argument("--data", metavar="FOLDER", default=None,
+                        help="train on the cases of FOLDER instead of phantoms: challenge .npz files (imgs, gts, "
+                             "spacing) or <case>.nii.gz + <case>_label.nii.gz pairs, as 'segvolgru evaluate' reads")
+    parser.add_argument("--init", metavar="CHECKPOINT", default=None,
+                        help="start from this segvolgru model file (e.g. models/demo.pt) with its configuration, "
+                             "instead of random weights and the demo configuration")
+    parser.add_argument("--train", dest="part", choices=tuple(TRAINED_PREFIXES), default="all",
+                        help="what is trained: all (default), correction (the GRU correction only) or decoder "
+                             "(mask decoder, prompt encoder and correction; the image encoder stays frozen)")
     parser.add_argument("--lr", type=float, default=TrainSettings.lr, help="peak learning rate (default %(default)s)")
     parser.add_argument("--structures-per-step", type=int, default=TrainSettings.structures_per_step)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
@@ -311,13 +386,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     settings = TrainSettings(steps=args.steps, seed=args.seed, lr=args.lr,
                              structures_per_step=args.structures_per_step, checkpoint_every_s=args.checkpoint_every,
-                             max_minutes=args.max_minutes)
+                             max_minutes=args.max_minutes, part=args.part)
+    trained_on = f"the cases of {args.data}" if args.data else "generated phantoms"
     recipe = {"command": "segvolgru train " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                   else sys.argv[1:])),
-              "data": f"segvolgru.phantoms.make_phantom(seed * {PHANTOM_SEED_STRIDE} + step, "
-                      f"shape={list(DEMO_CONFIG.spatial_size)}), preprocessed with segvolgru.preprocess",
-              "seed": args.seed, "note": "demo model trained on generated phantoms; not for clinical use"}
-    train(DEMO_CONFIG, args.out, settings, resume=not args.no_resume, device=args.device, recipe=recipe)
+              "seed": args.seed, "note": f"demo model trained on {trained_on}; not for clinical use"}
+    train(None if args.init else DEMO_CONFIG, args.out, settings, resume=not args.no_resume, device=args.device,
+          recipe=recipe, data=args.data, init=args.init)
     return 0
 
 
