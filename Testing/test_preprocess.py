@@ -179,3 +179,44 @@ def test_nan_and_inf_voxels_are_counted_in_the_message():
 def test_spatial_size_must_be_three_positive_ints(size):
     with pytest.raises(InputError, match="3 positive integers"):
         preprocess(ct_like((8, 16, 16)), size)
+
+
+def _count_exact_passes(monkeypatch) -> list:
+    """Calls of the exact second pass, which only runs when the single pass cannot decide."""
+    import segvolgru.preprocessing as module
+
+    calls = []
+    original = module._foreground_pass
+    monkeypatch.setattr(module, "_foreground_pass", lambda *args: calls.append(1) or original(*args))
+    return calls
+
+
+def test_a_ct_volume_takes_the_single_pass(monkeypatch):
+    calls = _count_exact_passes(monkeypatch)
+    assert_matches_reference(ct_like((30, 120, 110), seed=11), spatial_size=(16, 32, 32))
+    assert calls == []
+
+
+def test_a_voxel_just_above_lo_goes_to_the_official_float32_chain(monkeypatch):
+    """lo interpolated to 0.999 of the way from 100 to 101: the official rounding, not the affine form, decides
+    whether the voxels at 101 are above lo."""
+    rng = np.random.default_rng(12)
+    foreground = np.concatenate([np.full(11, 100), rng.integers(101, 1101, size=21988)])  # 21999 = 2000 * 10 + 1999
+    volume = np.zeros(20 * 100 * 111, dtype=np.int16)
+    volume[rng.choice(volume.size, foreground.size, replace=False)] = foreground
+    volume = volume.reshape(20, 100, 111)
+    calls = _count_exact_passes(monkeypatch)
+    assert_matches_reference(volume, spatial_size=(8, 16, 16))
+    assert calls
+
+
+def test_a_mean_far_outside_the_clip_range_uses_the_official_operations(monkeypatch):
+    """0.04 % of the bright voxels at 1e7 drag mu far above hi, where the affine form would drift from the
+    official float32 rounding."""
+    volume = mr_like((20, 60, 50), np.float32, seed=13)
+    bright = np.argwhere(volume > 300)
+    chosen = bright[np.random.default_rng(13).choice(len(bright), int(0.0004 * len(bright)), replace=False)]
+    volume[tuple(chosen.T)] = 1e7
+    calls = _count_exact_passes(monkeypatch)
+    assert_matches_reference(volume, spatial_size=(8, 16, 16))
+    assert calls
