@@ -73,8 +73,9 @@ class Engine:
         are reused after a model is freed), plus the storage and in-place version of every tensor, so new weights
         loaded into the same model (or moved to another device) never meet old entries."""
         token = self.model.__dict__.setdefault("_segvolgru_token", uuid.uuid4().hex)
-        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
-        weights = hash(tuple((t.data_ptr(), t._version) for t in tensors))
+        # the modules' own dicts: parameters() builds a name for every tensor and costs twice as much
+        weights = hash(tuple((t.data_ptr(), t._version) for m in self.model.modules()
+                             for t in itertools.chain(m._parameters.values(), m._buffers.values()) if t is not None))
         return (token, weights, str(self.device), self.precision)
 
     def prepare(self, volume: np.ndarray, key: str | None = None) -> PreparedVolume:
@@ -145,7 +146,8 @@ class Engine:
         """Prompts in the embedded image's voxels -> low-resolution logits (1, 1, ...) on the CPU, cached."""
         pts = None if points is None or len(points) == 0 else np.asarray(points, np.int64)
         lab = None if pts is None else np.asarray(labels, np.int64)
-        key = ("decoder", self._model_tag(), embedding_key, box,
+        tag = self._model_tag()
+        key = ("decoder", tag, embedding_key, box,
                None if pts is None else (pts.tobytes(), lab.tobytes()), text)
         cached = self.cache.get(key)
         if cached is not None:
@@ -154,6 +156,7 @@ class Engine:
 
         def run() -> torch.Tensor:
             device = self.device
+            image_side = self._image_side(embedding, (tag, embedding_key))
             boxes = None if box is None else torch.tensor([box], dtype=torch.float32, device=device)
             point_prompt = None
             if pts is not None:
@@ -161,7 +164,7 @@ class Engine:
                                 torch.as_tensor(lab, dtype=torch.float32, device=device)[None])
             text_emb = None if text_embedding is None else text_embedding.to(device)
             with torch.inference_mode(), autocast(device, self.precision):
-                low = self.model.decode(embedding.to(device), boxes, point_prompt, text_emb)
+                low = self.model.decode(embedding.to(device), boxes, point_prompt, text_emb, image_side)
             return low.float().cpu()
 
         low_res = self._run(run)
@@ -170,6 +173,15 @@ class Engine:
             timings.decoder_runs += 1
         self.cache.put(key, low_res)
         return low_res
+
+    def _image_side(self, embedding: torch.Tensor, key: tuple) -> tuple:
+        """The decoder's prompt-independent projections of an embedding, cached with it (9.4 MB per official
+        window): every later prompt on the same window skips them."""
+        def compute() -> tuple:
+            with torch.inference_mode(), autocast(self.device, self.precision):
+                return self.model.decoder_image_side(embedding.to(self.device))
+
+        return self.cache.get_or_compute(("decoder_image",) + key, compute)  # type: ignore[return-value]
 
     def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
         """Low-resolution logits -> (K, J, I) logits at the window size (the official trilinear step)."""

@@ -1,11 +1,19 @@
 """SegVol's 3-D mask decoder: two-way transformer, 4x transposed-conv upscaling, hypernetworks, text fusion.
 
 Output: low-resolution mask logits (B, 1, 4·g0, 4·g1, 4·g2), e.g. (B, 1, 32, 64, 64) officially.
+
+The upscaling is evaluated as matrix products rather than through ConvTranspose3d: a transposed convolution with
+kernel 2 and stride 2 sends each input voxel to its own 2x2x2 output block, so both of them, the LayerNorm's
+per-voxel affine, the GELUs and the final dot product with the mask token's hypernetwork vector all act voxel by
+voxel, in the layout the products give. Only the last step reorders the (g, 2, 2) blocks into space. Same
+function as the module chain (test), fewer copies, and on the CPU about twice as fast.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from torch.nn import functional as F
 
 from ..config import SegVolConfig
 from .transformer import TwoWayTransformer
@@ -59,27 +67,71 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        image_side: tuple | None = None,
     ) -> torch.Tensor:
         """(B, C, g0, g1, g2) embedding + prompts -> mask-0 logits (B, 1, 4g0, 4g1, 4g2).
 
-        ``image_embeddings`` may have batch 1 and be shared by B prompt sets.
+        ``image_embeddings`` may have batch 1 and be shared by B prompt sets. ``image_side``: the transformer's
+        :meth:`~TwoWayTransformer.image_side` of the same embedding plus dense embedding and PE, to skip it.
         """
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
         src = image_embeddings.expand(b, -1, -1, -1, -1) + dense_prompt_embeddings
         pos = image_pe.expand(b, -1, -1, -1, -1)
-        hs, image_tokens = self.transformer(src, pos, tokens)
+        hs, image_tokens = self.transformer(src, pos, tokens, image_side)
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
-        c = src.shape[1]
-        upscaled = self.output_upscaling(image_tokens.transpose(1, 2).reshape(b, c, *src.shape[2:]))
-        up_c, grid = upscaled.shape[1], upscaled.shape[2:]
-        flat = upscaled.reshape(b, up_c, -1)
         # Only mask 0 is ever used (multimask_output=False): the other hypernetworks are in the checkpoint only.
-        hyper = self.output_hypernetworks_mlps[0](mask_tokens_out[:, 0]).unsqueeze(1)
-        masks = hyper @ flat
+        vector = self.output_hypernetworks_mlps[0](mask_tokens_out[:, 0])
         if text_embedding is not None:
-            # Text enters twice: as a sparse token above, and as this similarity map added to the mask logits.
-            text_down = self.txt_align_upscaled_embedding(text_embedding).unsqueeze(1)
-            masks = masks + text_down @ flat
-        return masks.reshape(b, 1, *grid)
+            # Text enters twice: as a sparse token above, and as a similarity map with the upscaled embedding,
+            # added to the mask logits; both maps are linear in it, so the two vectors are summed first.
+            vector = vector + self.txt_align_upscaled_embedding(text_embedding)
+        return self.upscaled_dot(image_tokens, tuple(src.shape[2:]), vector)[:, None]
+
+    def upscaled_dot(self, image_tokens: torch.Tensor, grid: tuple[int, int, int],
+                     vector: torch.Tensor) -> torch.Tensor:
+        """``output_upscaling`` of the (B, G, C) image tokens on ``grid``, dotted over channels with the (B, C/8)
+        ``vector``: (B, 4g0, 4g1, 4g2)."""
+        norm = self.output_upscaling[1]
+        b, n, c = image_tokens.shape
+        w1, b1, w2, b2, norm_weight, norm_bias = self._upscaling_weights(grid)
+        c1 = w2.shape[0]
+        # rows: input voxels; columns: (position in the voxel's 2x2x2 block, channel)
+        y = torch.addmm(b1, image_tokens.reshape(b * n, c), w1).view(b, -1)
+        y = F.gelu(F.layer_norm(y, (y.shape[1],), norm_weight, norm_bias, norm.eps))
+        # rows: (voxel, first block position); columns: (second block position, channel)
+        z = F.gelu(torch.addmm(b2, y.view(-1, c1), w2)).view(b, n * 64, -1)
+        masks = (z @ vector[:, :, None]).view(b, *grid, 2, 2, 2, 2, 2, 2)
+        # voxel (d, h, w), blocks (a1, b1, e1) and (a2, b2, e2) -> (4d + 2 a1 + a2, 4h + 2 b1 + b2, 4w + 2 e1 + e2)
+        masks = masks.permute(0, 1, 4, 7, 2, 5, 8, 3, 6, 9)
+        return masks.reshape(b, 4 * grid[0], 4 * grid[1], 4 * grid[2])
+
+    def _upscaling_weights(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
+        """The upscaling's weights in the layouts of :meth:`upscaled_dot`, cached until they change."""
+        conv1, norm, _, conv2, _ = self.output_upscaling
+        tensors = (conv1.weight, conv1.bias, conv2.weight, conv2.bias, norm.weight, norm.bias)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return _arrange(grid, *tensors)  # differentiable, for training
+        key = (grid, conv1.weight.device, conv1.weight.dtype, *((t.data_ptr(), t._version) for t in tensors))
+        cached = self.__dict__.get("_arranged")
+        if cached is None or cached[0] != key:
+            cached = (key, tuple(t.contiguous() for t in _arrange(grid, *(t.detach() for t in tensors))))
+            self.__dict__["_arranged"] = cached  # a plain attribute: not part of the checkpoint
+        return cached[1]
+
+
+def _arrange(grid: tuple[int, int, int], w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+             norm_weight: torch.Tensor, norm_bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """ConvTranspose3d weights (C_in, C_out, 2, 2, 2) -> (C_in, 8 * C_out) with columns (block position, channel),
+    their biases repeated to match, and the LayerNorm's (C1, 2g0, 2g1, 2g2) affine -> flat (voxel, block position,
+    channel)."""
+    g0, g1, g2 = grid
+
+    def columns(w: torch.Tensor) -> torch.Tensor:
+        return w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1)
+
+    def voxels(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, g0, 2, g1, 2, g2, 2).permute(1, 3, 5, 2, 4, 6, 0).reshape(-1)
+
+    return columns(w1), b1.repeat(8), columns(w2), b2.repeat(8), voxels(norm_weight), voxels(norm_bias)

@@ -61,17 +61,25 @@ class SegVol(nn.Module):
         boxes: torch.Tensor | None = None,
         points: Points | None = None,
         text_embedding: torch.Tensor | None = None,
+        image_side: tuple | None = None,
     ) -> torch.Tensor:
         """Embedding (1 or B, C, g...) + prompts -> low-resolution logits (B, 1, 4g0, 4g1, 4g2).
 
         ``boxes`` (B, 6) or (B, 1, 6) as (d0, h0, w0, d1, h1, w1) inclusive; ``points`` = (coords (B, N, 3) in
-        (d, h, w), labels (B, N): 1 positive, 0 negative, −1 ignore); ``text_embedding`` (B, C).
+        (d, h, w), labels (B, N): 1 positive, 0 negative, −1 ignore); ``text_embedding`` (B, C);
+        ``image_side``: :meth:`decoder_image_side` of this embedding, when a caller keeps it across prompts.
         """
         if boxes is not None and boxes.dim() == 2:
             boxes = boxes[:, None, :]
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, text_embedding=text_embedding)
         return self.mask_decoder(
-            image_embedding, text_embedding, self.prompt_encoder.get_dense_pe(), sparse, dense)
+            image_embedding, text_embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, image_side)
+
+    def decoder_image_side(self, image_embedding: torch.Tensor) -> tuple:
+        """The decoder's prompt-independent work on an embedding (1, C, g...), for :meth:`decode`'s
+        ``image_side``: every prompt gets the same dense (no-mask) embedding and positional encoding."""
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1, 1)
+        return self.mask_decoder.transformer.image_side(image_embedding + dense, self.prompt_encoder.get_dense_pe())
 
     def upsample(self, low_res_logits: torch.Tensor) -> torch.Tensor:
         """Low-resolution logits -> logits at the spatial size (trilinear, align_corners=False, as official)."""

@@ -1,0 +1,78 @@
+"""The decoder's fast paths (matrix-product upscaling, cached image side) against the plain module chain."""
+from __future__ import annotations
+
+import torch
+
+from segvolgru.config import TINY_TEXT_CONFIG
+from segvolgru.network import build_model
+
+
+def _model():
+    torch.manual_seed(3)
+    model = build_model(TINY_TEXT_CONFIG)
+    with torch.no_grad():
+        for p in model.mask_decoder.parameters():  # non-trivial LayerNorm affine and biases
+            p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def _reference_upscaled_dot(decoder, tokens, grid, vector):
+    b, _, c = tokens.shape
+    up = decoder.output_upscaling(tokens.transpose(1, 2).reshape(b, c, *grid))
+    return (vector[:, None] @ up.reshape(b, up.shape[1], -1)).reshape(b, *up.shape[2:])
+
+
+def test_matrix_product_upscaling_equals_the_transposed_convolutions():
+    model = _model()
+    grid = tuple(model.config.embedding_grid)
+    tokens = torch.randn(2, grid[0] * grid[1] * grid[2], model.config.hidden_size)
+    vector = torch.randn(2, model.config.hidden_size // 8)
+    with torch.no_grad():
+        fast = model.mask_decoder.upscaled_dot(tokens, grid, vector)
+        plain = _reference_upscaled_dot(model.mask_decoder, tokens, grid, vector)
+    assert fast.shape == plain.shape == (2, *(4 * g for g in grid))
+    assert (fast - plain).abs().max() <= 1e-5 * plain.abs().max()
+
+
+def test_upscaling_gradients_equal_the_module_chain():
+    model = _model().train()
+    grid = tuple(model.config.embedding_grid)
+    tokens = torch.randn(1, grid[0] * grid[1] * grid[2], model.config.hidden_size)
+    vector = torch.randn(1, model.config.hidden_size // 8)
+    grads = []
+    for fn in (model.mask_decoder.upscaled_dot, lambda *a: _reference_upscaled_dot(model.mask_decoder, *a)):
+        model.zero_grad()
+        fn(tokens, grid, vector).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.mask_decoder.output_upscaling.parameters()])
+    for fast, plain in zip(*grads):
+        assert (fast - plain).abs().max() <= 1e-4 * plain.abs().max()
+
+
+def test_weights_changed_in_place_are_never_served_from_the_arranged_copy():
+    model = _model()
+    grid = tuple(model.config.embedding_grid)
+    tokens = torch.randn(1, grid[0] * grid[1] * grid[2], model.config.hidden_size)
+    vector = torch.randn(1, model.config.hidden_size // 8)
+    with torch.no_grad():
+        before = model.mask_decoder.upscaled_dot(tokens, grid, vector)
+        model.mask_decoder.output_upscaling[1].weight.mul_(-1.0)
+        after = model.mask_decoder.upscaled_dot(tokens, grid, vector)
+        plain = _reference_upscaled_dot(model.mask_decoder, tokens, grid, vector)
+    assert not torch.allclose(before, after)
+    assert (after - plain).abs().max() <= 1e-5 * plain.abs().max()
+
+
+def test_cached_image_side_gives_the_same_logits_for_every_prompt():
+    model = _model()
+    embedding = torch.randn(1, model.config.hidden_size, *model.config.embedding_grid)
+    text = model.embed_text(["liver"]).detach()
+    with torch.no_grad():
+        side = model.decoder_image_side(embedding)
+        for boxes, points, text_emb in [
+            (torch.tensor([[1.0, 2, 3, 10, 20, 25]]), None, None),
+            (None, (torch.tensor([[[4.0, 9, 9], [6, 20, 3]]]), torch.tensor([[1.0, 0.0]])), None),
+            (torch.tensor([[0.0, 0, 0, 5, 5, 5]]), (torch.tensor([[[2.0, 2, 2]]]), torch.tensor([[1.0]])), text),
+        ]:
+            plain = model.decode(embedding, boxes, points, text_emb)
+            cached = model.decode(embedding, boxes, points, text_emb, side)
+            assert torch.allclose(plain, cached, rtol=1e-5, atol=1e-6)
