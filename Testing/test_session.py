@@ -10,6 +10,7 @@ from segvolgru import InteractiveSession, segment
 from segvolgru.cache import EmbeddingCache
 from segvolgru.correction import CorrectionConfig, apply_deltas, build_rows, error_points, fuse, uncertain_points
 from segvolgru.errors import InputError
+from segvolgru.inference import prompts_in_crop
 
 BOX = (10, 30, 20, 29, 69, 59)
 CORRECTION = {"k": 50, "hidden_size": 32, "row_dim": 16}
@@ -260,3 +261,43 @@ def test_untrained_head_leaves_segvol_unchanged():
     with torch.no_grad():
         delta, hidden = module(rows, module.initial_state())
     assert float(delta.abs().sum()) == 0.0 and hidden.shape == (1, 8)
+
+
+def test_fusion_with_an_origin_equals_the_rule_on_every_voxel():
+    """The fast fusion (distances only inside the ball's box) against the rule evaluated everywhere."""
+    config = CorrectionConfig(fusion_radius=4)
+    rng = np.random.default_rng(5)
+    prev, new = (torch.from_numpy(rng.normal(0, 3, (12, 14, 16)).astype(np.float32)) for _ in range(2))
+    origin, click = (3, -2, 5), np.array([9, 4, 6])
+    fused = fuse(prev, new, origin, click, config)
+    k, j, i = np.meshgrid(*(np.arange(n) + o for n, o in zip(new.shape, origin)), indexing="ij")
+    near = torch.from_numpy((k - 9) ** 2 + (j - 4) ** 2 + (i - 6) ** 2 <= 16)
+    confident = (torch.sigmoid(new) < 0.1) | (torch.sigmoid(new) > 0.9)
+    assert torch.equal(fused, torch.where(near | confident, new, prev))
+
+
+def test_results_are_read_only_snapshots_that_later_steps_leave_alone(model, volume):
+    s = _session(model, volume)
+    first = s.set_box(BOX)
+    kept = first.mask.copy()
+    second = s.add_click((20, 50, 40), True)
+    assert not first.mask.flags.writeable and not second.mask.flags.writeable
+    np.testing.assert_array_equal(first.mask, kept)
+    assert not np.array_equal(second.mask, kept)
+    np.testing.assert_array_equal(second.mask, s.mask)
+
+
+def test_a_click_re_stitches_only_its_windows_and_equals_a_full_stitch(model):
+    """ROI longer than one window along K: the click re-decodes two of the windows, and the region's logits equal
+    stitching every window again."""
+    volume = ct_like(shape=(90, 128, 120))
+    s = _session(model, volume, gru=False, fusion=False)
+    s.set_box((5, 30, 20, 80, 90, 90))
+    region = s._state.regions[0]
+    assert len(region.grid.starts) > 2
+    s.add_click((40, 60, 50), True)
+    pts, labels = s._clicks(s.prompts)
+    crop_box, crop_pts = prompts_in_crop(s._prepared, s._box(s.prompts), pts)
+    _, full = s._decode_region(region, crop_box, crop_pts, labels)
+    assert torch.equal(s._state.logits[tuple(slice(a, b + 1) for a, b in zip(region.box[:3], region.box[3:]))],
+                       full)

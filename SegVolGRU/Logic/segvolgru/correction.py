@@ -236,9 +236,16 @@ def fuse(previous: torch.Tensor, new: torch.Tensor, origin: tuple[int, int, int]
     new probability is confident (outside the fusion band)."""
     lo_p, hi_p = config.fusion_band
     lo_logit, hi_logit = math.log(lo_p / (1 - lo_p)), math.log(hi_p / (1 - hi_p))
-    axes = [torch.arange(n, device=new.device, dtype=torch.float32) + o - float(c)
-            for n, o, c in zip(new.shape, origin, click)]
-    dist2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
-    far = dist2 > config.fusion_radius ** 2
-    confident = (new < lo_logit) | (new > hi_logit)
-    return torch.where(far & ~confident, previous, new)
+    unsure = (new >= lo_logit) & (new <= hi_logit)
+    fused = torch.where(unsure, previous, new)
+    # within the radius the new values stand: only the ball's bounding box needs the distances
+    radius = config.fusion_radius
+    lo = [max(0, int(math.floor(c - o - radius))) for c, o in zip(click, origin)]
+    hi = [min(n, int(math.ceil(c - o + radius)) + 1) for n, c, o in zip(new.shape, click, origin)]
+    if all(a < b for a, b in zip(lo, hi)):
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        axes = [torch.arange(a, b, device=new.device, dtype=torch.float32) + o - float(c)
+                for a, b, o, c in zip(lo, hi, origin, click)]
+        near = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2 <= radius ** 2
+        fused[box] = torch.where(near, new[box], fused[box])
+    return fused

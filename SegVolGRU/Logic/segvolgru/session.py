@@ -10,6 +10,7 @@ a bit-identical session. Prompts are (K, J, I) voxel indices of the volume.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -32,8 +33,8 @@ MAX_HISTORY = 50
 
 @dataclass
 class SessionResult:
-    """The mask after a step, the inclusive (k0, j0, i0, k1, j1, i1) volume extent that changed (None: nothing
-    did) and seconds per stage."""
+    """The mask after a step (a read-only snapshot: later steps never change it), the inclusive
+    (k0, j0, i0, k1, j1, i1) volume extent that changed (None: nothing did) and seconds per stage."""
 
     mask: np.ndarray
     changed_extent: tuple[int, int, int, int, int, int] | None
@@ -71,6 +72,11 @@ class _Step:
     record: bool = True
     before: _State | None = None  # set for steps that rebuild the whole state
     after: _State | None = None
+
+
+def _contains(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> bool:
+    """Whether the region of ``inner`` lies inside ``outer`` (both with explicit starts and stops)."""
+    return all(o.start <= i.start and i.stop <= o.stop for o, i in zip(outer, inner))
 
 
 def fingerprint(volume: np.ndarray) -> tuple:
@@ -231,16 +237,25 @@ class InteractiveSession:
                               for sl, _, _ in step.writes])
             lo, hi = starts.min(axis=0), stops.max(axis=0)
         else:
-            return SessionResult(self.mask.copy(), None)
+            return SessionResult(self._snapshot(), None)
         crop_sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
         vol_sl = tuple(slice(int(a + o), int(b + o)) for a, b, o in zip(lo, hi, crop_start))
         new = (torch.sigmoid(self._state.logits[crop_sl]) > 0.5).numpy().astype(np.uint8)
         changed = bounding_box(self.mask[vol_sl] != new)
-        self.mask[vol_sl] = new
         if changed is not None:
+            if sys.getrefcount(self.mask) > 2:
+                # an earlier snapshot (or a caller) still holds this array: write into a copy (copy on write,
+                # instead of a full-volume copy for every result)
+                self.mask = self.mask.copy()
+            self.mask[vol_sl] = new
             offset = np.concatenate([lo + crop_start, lo + crop_start])
             changed = tuple(int(v) for v in np.asarray(changed) + offset)
-        return SessionResult(self.mask.copy(), changed)
+        return SessionResult(self._snapshot(), changed)
+
+    def _snapshot(self) -> np.ndarray:
+        view = self.mask.view()
+        view.setflags(write=False)
+        return view
 
     def _empty_state(self) -> _State:
         return _State(torch.full(self._prepared.crop_shape, _FLOOR_LOGIT), [], None)
@@ -297,7 +312,7 @@ class InteractiveSession:
         try:
             region = self._new_region(roi)
             state.regions.append(region)
-            new = self._decode_region(region, crop_box, crop_pts, labels)
+            _, new = self._decode_region(region, crop_box, crop_pts, labels)
             logits[roi_slices(roi)] = new
             if len(crop_pts) and self.correction_active:
                 self._correct(state, crop_pts, labels)
@@ -339,17 +354,33 @@ class InteractiveSession:
             self._window_logits[key] = cached
         return cached
 
-    def _decode_region(self, region: _Region, crop_box, crop_pts, labels) -> torch.Tensor:
-        """Stitched SegVol logits of a whole region (K, J, I) from its windows' current prompts; windows whose
-        prompts did not change come from the cache, so only the windows holding a new click are decoded."""
+    def _decode_region(self, region: _Region, crop_box, crop_pts, labels,
+                       changed: list[int] | None = None) -> tuple[tuple[slice, ...], torch.Tensor]:
+        """Stitched SegVol logits from the windows' current prompts, over the whole region or, with ``changed``
+        (the windows whose prompts changed), over the part of it those windows cover: nothing else can differ.
+        Returns (slices in the region, logits). Windows whose prompts did not change come from the cache."""
         grid = region.grid
-        total = torch.zeros(grid.padded_shape)
-        count = torch.zeros(grid.padded_shape)
+        padded = np.asarray(grid.padded_shape)
+        lo, hi = np.zeros(3, int), padded
+        if changed is not None:
+            spans = np.array([[(s.start, s.stop) for s in grid.window_slices(i)] for i in changed])
+            lo, hi = spans[:, :, 0].min(axis=0), spans[:, :, 1].max(axis=0)
+        # the part inside the unpadded region, in padded coordinates
+        before = np.asarray(grid.pad_before)
+        lo, hi = np.maximum(lo, before), np.minimum(hi, before + np.asarray(grid.crop_shape))
+        shape = tuple(int(v) for v in hi - lo)
+        total, count = torch.zeros(shape), torch.zeros(shape)
         for index in range(len(grid.starts)):
-            sl = grid.window_slices(index)
-            total[sl] += self._window_logits_for(region, index, crop_box, crop_pts, labels)
-            count[sl] += 1
-        return grid.unpad(total / count)
+            window = grid.window_slices(index)
+            a = np.maximum(lo, [s.start for s in window])
+            b = np.minimum(hi, [s.stop for s in window])
+            if np.any(a >= b):
+                continue
+            target = tuple(slice(int(x - o), int(y - o)) for x, y, o in zip(a, b, lo))
+            source = tuple(slice(int(x - s.start), int(y - s.start)) for x, y, s in zip(a, b, window))
+            total[target] += self._window_logits_for(region, index, crop_box, crop_pts, labels)[source]
+            count[target] += 1
+        return tuple(slice(int(x - o), int(y - o)) for x, y, o in zip(lo, hi, before)), total / count
 
     def _click_step(self, prompt: dict, done: list[dict] | None = None) -> _Step:
         """One click: SegVol in the region holding it (a new window around it when it lies outside every region,
@@ -371,7 +402,7 @@ class InteractiveSession:
             outside = torch.ones(self._prepared.crop_shape, dtype=torch.bool)
             for r in self._state.regions:
                 outside[roi_slices(r.box)] = False
-            whole = (slice(None),) * 3
+            whole = tuple(slice(0, n) for n in self._prepared.crop_shape)
             updated = torch.where(outside, zoom, self._state.logits)
             if config.fusion:
                 updated = fuse(self._state.logits, updated, (0, 0, 0), click, config)
@@ -381,12 +412,18 @@ class InteractiveSession:
             step.new_regions.append(region)
         sl = roi_slices(region.box)
         previous = self._state.logits[sl].clone()
-        new = self._decode_region(region, crop_box, crop_pts, labels)
-        self._write(step, sl, new)
+        local_click = click - region.start
+        changed = region.grid.windows_containing(tuple(int(v) for v in local_click))
+        part, new = self._decode_region(region, crop_box, crop_pts, labels, changed)
+        self._write(step, tuple(slice(r.start + p.start, r.start + p.stop) for r, p in zip(sl, part)), new)
         if self.correction_active:
             self._correct(self._state, crop_pts, labels, step, region)
+        else:
+            # without the correction nothing outside the re-decoded part changed, so the fusion keeps it as is
+            sl = tuple(slice(r.start + p.start, r.start + p.stop) for r, p in zip(sl, part))
+            previous = previous[part]
+            local_click = local_click - np.array([p.start for p in part])
         if config.fusion:
-            local_click = click - region.start
             self._write(step, sl, fuse(previous, self._state.logits[sl], (0, 0, 0), local_click, config))
         step.hidden_after = self._state.hidden
         return step
@@ -419,7 +456,14 @@ class InteractiveSession:
         """Write logits; only steps that can be undone keep copies of the old and new values."""
         state = state or self._state
         if step is not None and step.record:
-            step.writes.append((sl, state.logits[sl].clone(), new.clone()))
+            inner = step.writes[-1] if step.writes and _contains(step.writes[-1][0], sl) else None
+            if inner is None:
+                step.writes.append((sl, state.logits[sl].clone(), new.clone()))
+            else:
+                # a write inside the step's previous one: that one's copy of the old values still restores
+                # them, and only the newest values need keeping
+                outer_sl, _, outer_new = inner
+                outer_new[tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(sl, outer_sl))] = new
         state.logits[sl] = new
 
     def _check_volume(self) -> None:
