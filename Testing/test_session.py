@@ -1,6 +1,8 @@
 """Interactive session and GRU correction mechanics (tiny model, live random correction head)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -301,3 +303,31 @@ def test_a_click_re_stitches_only_its_windows_and_equals_a_full_stitch(model):
     _, full = s._decode_region(region, crop_box, crop_pts, labels)
     assert torch.equal(s._state.logits[tuple(slice(a, b + 1) for a, b in zip(region.box[:3], region.box[3:]))],
                        full)
+
+
+def test_polarity_fusion_never_lowers_after_a_positive_click_nor_raises_after_a_negative_one():
+    config = CorrectionConfig(fusion_radius=3, polarity_fusion=True)
+    rng = np.random.default_rng(8)
+    prev, new = (torch.from_numpy(rng.normal(0, 4, (6, 8, 10)).astype(np.float32)) for _ in range(2))
+    plain = fuse(prev, new, (0, 0, 0), np.array([3, 4, 5]), CorrectionConfig(fusion_radius=3))
+    up = fuse(prev, new, (0, 0, 0), np.array([3, 4, 5]), config, positive=True)
+    down = fuse(prev, new, (0, 0, 0), np.array([3, 4, 5]), config, positive=False)
+    assert torch.equal(up, torch.maximum(prev, plain)) and torch.equal(down, torch.minimum(prev, plain))
+    assert torch.equal(fuse(prev, new, (0, 0, 0), np.array([3, 4, 5]), config), plain)  # polarity unknown
+
+
+def test_intensity_aware_spread_stays_in_the_clicked_structure():
+    """A bright half and a dark half: a positive delta spread from a click in the bright half reaches the dark
+    half only with the image ignored."""
+    config = CorrectionConfig(k=40, error_radius=8, spread_sigma=2)
+    image = torch.zeros(16, 16, 16)
+    image[:, :, 8:] = 1.0
+    logits = torch.full((16, 16, 16), -5.0)
+    rows = build_rows(torch.sigmoid(logits).numpy(), np.array([[8, 8, 10]]), np.array([1]), config)
+    delta = torch.full((80,), 4.0) * rows.valid
+    plain = apply_deltas(logits, rows, delta, np.array([8, 8, 10]), config)
+    aware = apply_deltas(logits, rows, delta, np.array([8, 8, 10]), replace(config, spread_intensity_sigma=0.1),
+                         image)
+    assert (plain[:, :, :8] > -5).any()                       # the plain field crosses into the dark half
+    assert torch.allclose(aware[:, :, :8], logits[:, :, :8])  # the intensity-aware one does not
+    assert torch.equal(aware[:, :, 8:], plain[:, :, 8:])      # and is unchanged where the intensity matches

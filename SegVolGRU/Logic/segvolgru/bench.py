@@ -17,12 +17,13 @@ import time
 import numpy as np
 import torch
 
-from .cache import EmbeddingCache
+from .cache import EmbeddingCache, content_key
 from .config import OFFICIAL_CONFIG, TINY_CONFIG, SegVolConfig
 from .device import describe_device, resolve_device
 from .engine import Engine, Timings
 from .inference import _zoom_in
 from .network import SegVol, build_model
+from .preprocessing import preprocess
 from .prompts import box_to_zoom_out, points_to_zoom_out
 from .session import InteractiveSession
 from .synthetic_weights import synthetic_state_for
@@ -78,8 +79,12 @@ def run_bench(quick: bool = False, device: str = "auto", threads: int | None = N
                  "device": describe_device(dev), "threads": torch.get_num_threads()}
 
     start = time.perf_counter()
-    prepared = engine.prepare(volume)
+    key = content_key(volume)
+    out["content_key_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    preprocess(volume, config.spatial_size)
     out["preprocess_s"] = time.perf_counter() - start
+    prepared = engine.prepare(volume, key)
 
     start = time.perf_counter()
     engine._encode(torch.from_numpy(prepared.pre.zoom_out))

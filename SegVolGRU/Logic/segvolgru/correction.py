@@ -33,10 +33,15 @@ class CorrectionConfig:
     hidden_size: int = 256
     row_dim: int = 64
     spread_sigma: float = 3.0
+    # None: the spread field ignores the image; a number: it fades with the normalised-intensity difference to
+    # the clicked voxel (a Gaussian of this width), so a click's correction follows the structure it lies in
+    spread_intensity_sigma: float | None = None
     write_back: str = "spread"
     fusion: bool = True
     fusion_radius: float = 20.0
     fusion_band: tuple[float, float] = (0.1, 0.9)
+    # a positive click may only raise logits and a negative one only lower them (with the fusion)
+    polarity_fusion: bool = False
 
     def __post_init__(self) -> None:
         if self.write_back not in WRITE_BACK_MODES:
@@ -192,12 +197,14 @@ def _separable_blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def apply_deltas(logits: torch.Tensor, rows: CorrectionRows, delta: torch.Tensor, click: np.ndarray,
-                 config: CorrectionConfig) -> torch.Tensor:
+                 config: CorrectionConfig, image: torch.Tensor | None = None) -> torch.Tensor:
     """Corrected copy of region ``logits`` (K, J, I).
 
     sparse: each valid row's delta is added at its voxel. spread: deltas of rows within ``error_radius`` of the
     newest click become a smooth field (a kernel-weighted average of nearby deltas, σ = ``spread_sigma``), applied
-    inside that ball; rows outside the ball are written sparsely. Padding rows are never written.
+    inside that ball, weighted by intensity similarity to the clicked voxel when ``spread_intensity_sigma`` is set
+    (``image``: the region's normalised image, same shape as ``logits``); rows outside the ball are written
+    sparsely. Padding rows are never written.
     """
     out = logits.clone()
     valid = rows.valid.to(logits.device)
@@ -225,12 +232,16 @@ def apply_deltas(logits: torch.Tensor, rows: CorrectionRows, delta: torch.Tensor
     grid = torch.stack(torch.meshgrid(*[torch.arange(n, device=logits.device) for n in size], indexing="ij"), -1)
     inside = ((grid + lo - c).float().pow(2).sum(-1).sqrt() <= config.error_radius).to(logits.dtype)
     sl = tuple(slice(int(a), int(b)) for a, b in zip(lo.tolist(), hi.tolist()))
+    if config.spread_intensity_sigma is not None and image is not None:
+        local_image = image[sl].to(logits.dtype)
+        difference = local_image - image[tuple(int(v) for v in click)].to(logits.dtype)
+        inside = inside * torch.exp(-0.5 * (difference / config.spread_intensity_sigma) ** 2)
     out[sl] = out[sl] + field * inside
     return out
 
 
 def fuse(previous: torch.Tensor, new: torch.Tensor, origin: tuple[int, int, int], click: np.ndarray,
-         config: CorrectionConfig) -> torch.Tensor:
+         config: CorrectionConfig, positive: bool | None = None) -> torch.Tensor:
     """Multi-round fusion of logits of a region whose first voxel is ``origin`` in the click's coordinates:
     beyond ``fusion_radius`` (Euclidean voxels) from the newest click a voxel keeps its previous value unless the
     new probability is confident (outside the fusion band)."""
@@ -248,4 +259,7 @@ def fuse(previous: torch.Tensor, new: torch.Tensor, origin: tuple[int, int, int]
                 for a, b, o, c in zip(lo, hi, origin, click)]
         near = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2 <= radius ** 2
         fused[box] = torch.where(near, new[box], fused[box])
+    if config.polarity_fusion and positive is not None:
+        # "add here" never removes, "remove here" never adds: what the user accepted elsewhere stays
+        fused = torch.maximum(previous, fused) if positive else torch.minimum(previous, fused)
     return fused

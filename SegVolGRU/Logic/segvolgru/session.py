@@ -92,7 +92,8 @@ class InteractiveSession:
     Settings: ``overlap`` (0.5), ``gru`` (True; the correction runs when the model has a correction module),
     ``text`` (None), ``require_box`` (False: a session may start from clicks alone, as the challenge allows),
     ``fusion`` (True, with or without the GRU), and the correction switches of :class:`CorrectionConfig`
-    (``write_back``, ``k``, ``tau``, ``error_radius``, ``fusion_radius``, ``fusion_band``, ``spread_sigma``)
+    (``write_back``, ``k``, ``tau``, ``error_radius``, ``fusion_radius``, ``fusion_band``, ``spread_sigma``,
+    ``spread_intensity_sigma``)
     overriding the model's.
     """
 
@@ -405,7 +406,7 @@ class InteractiveSession:
             whole = tuple(slice(0, n) for n in self._prepared.crop_shape)
             updated = torch.where(outside, zoom, self._state.logits)
             if config.fusion:
-                updated = fuse(self._state.logits, updated, (0, 0, 0), click, config)
+                updated = fuse(self._state.logits, updated, (0, 0, 0), click, config, bool(labels[-1]))
             self._write(step, whole, updated)
             region = self._new_region(self._window_around(click))
             self._state.regions.append(region)
@@ -424,7 +425,8 @@ class InteractiveSession:
             previous = previous[part]
             local_click = local_click - np.array([p.start for p in part])
         if config.fusion:
-            self._write(step, sl, fuse(previous, self._state.logits[sl], (0, 0, 0), local_click, config))
+            self._write(step, sl, fuse(previous, self._state.logits[sl], (0, 0, 0), local_click, config,
+                                       bool(labels[-1])))
         step.hidden_after = self._state.hidden
         return step
 
@@ -447,7 +449,7 @@ class InteractiveSession:
         hidden = state.hidden if state.hidden is not None else self.model.correction.initial_state()
         with torch.inference_mode():
             delta, hidden = self.model.correction(rows, hidden)
-            corrected = apply_deltas(logits, rows, delta, local_clicks[-1], config)
+            corrected = apply_deltas(logits, rows, delta, local_clicks[-1], config, self._prepared.image[sl])
         state.hidden = hidden.clone()
         self._write(step, sl, corrected, state)
 

@@ -140,9 +140,10 @@ def _decode(model: SegVol, embedding: torch.Tensor, box: tuple, clicks: list) ->
 
 
 def structure_session(model: SegVol, embedding: torch.Tensor, gt: np.ndarray, rounds: int,
-                      rng: np.random.Generator) -> tuple[torch.Tensor, list[float]]:
+                      rng: np.random.Generator, image: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
     """Loss (summed over the box step and every click round) and the hard Dice after each step, for one
-    structure's binary mask ``gt`` (K, J, I); clicks stop early when the prediction equals ``gt``."""
+    structure's binary mask ``gt`` (K, J, I) of the normalised ``image``; clicks stop early when the prediction
+    equals ``gt``."""
     config = model.correction.config
     target = torch.from_numpy(gt.astype(np.float32)).to(embedding.device)
     box = box_dict_to_kji(challenge_box(gt, rng))
@@ -162,9 +163,9 @@ def structure_session(model: SegVol, embedding: torch.Tensor, gt: np.ndarray, ro
         polarity = np.array([int(c.positive) for c in clicks], np.int64)
         rows = build_rows(torch.sigmoid(new.detach()).cpu().numpy(), points, polarity, config)
         delta, hidden = model.correction(rows, hidden)
-        corrected = apply_deltas(new, rows, delta, points[-1], config)
+        corrected = apply_deltas(new, rows, delta, points[-1], config, image)
         if config.fusion:
-            corrected = fuse(previous, corrected, (0, 0, 0), points[-1], config)
+            corrected = fuse(previous, corrected, (0, 0, 0), points[-1], config, bool(polarity[-1]))
         # SegVol's own click decoding is supervised too, so it does not learn to lean on the correction (with only
         # the corrected logits supervised, "GRU off" got worse with every click).
         loss = loss + dice_bce_loss(corrected, target) + SEGVOL_CLICK_LOSS_WEIGHT * dice_bce_loss(new, target)
@@ -191,7 +192,7 @@ def train_step(model: SegVol, optimizer: torch.optim.Optimizer, sample: Sample, 
     box_dice, last_dice, clicks = [], [], 0
     for value in chosen:
         rounds = int(rng.choice(CLICK_ROUNDS, p=CLICK_ROUND_WEIGHTS))
-        loss, dices = structure_session(model, embedding, sample.labels == value, rounds, rng)
+        loss, dices = structure_session(model, embedding, sample.labels == value, rounds, rng, image[0, 0])
         total = total + loss / len(chosen)
         box_dice.append(dices[0])
         last_dice.append(dices[-1])
