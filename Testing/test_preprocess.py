@@ -220,3 +220,11 @@ def test_a_mean_far_outside_the_clip_range_uses_the_official_operations(monkeypa
     calls = _count_exact_passes(monkeypatch)
     assert_matches_reference(volume, spatial_size=(8, 16, 16))
     assert calls
+
+
+def test_int16_sums_do_not_overflow_on_a_two_voxel_last_axis():
+    """Chunks of 2**18 voxels in rows of 2: more rows than int32 column sums can hold at these values."""
+    rng = np.random.default_rng(14)
+    volume = rng.integers(20000, 30000, (64, 4096, 2)).astype(np.int16)
+    volume[:5] = 100
+    assert_matches_reference(volume, spatial_size=(8, 8, 2))

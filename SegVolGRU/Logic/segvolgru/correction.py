@@ -50,6 +50,8 @@ class CorrectionConfig:
             raise ValueError(f"tau must be in (0, 0.5), got {self.tau}")
         if self.k < 1:
             raise ValueError("k must be at least 1")
+        if self.spread_intensity_sigma is not None and not self.spread_intensity_sigma > 0:
+            raise ValueError(f"spread_intensity_sigma must be positive or None, got {self.spread_intensity_sigma}")
         object.__setattr__(self, "fusion_band", tuple(float(b) for b in self.fusion_band))
 
     def to_dict(self) -> dict:

@@ -156,7 +156,8 @@ class Engine:
 
         def run() -> torch.Tensor:
             device = self.device
-            image_side = self._image_side(embedding, (tag, embedding_key))
+            # the tag again: after an out-of-memory fallback this runs a second time, on other weights
+            image_side = self._image_side(embedding, (self._model_tag(), embedding_key))
             boxes = None if box is None else torch.tensor([box], dtype=torch.float32, device=device)
             point_prompt = None
             if pts is not None:
@@ -171,7 +172,7 @@ class Engine:
         if timings is not None:
             timings.add("decoder_s", time.perf_counter() - start)
             timings.decoder_runs += 1
-        self.cache.put(key, low_res)
+        self.cache.put(("decoder", self._model_tag()) + key[2:], low_res)
         return low_res
 
     def _image_side(self, embedding: torch.Tensor, key: tuple) -> tuple:

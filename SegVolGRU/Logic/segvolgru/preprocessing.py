@@ -328,9 +328,10 @@ def _sum(block: np.ndarray, domain: np.dtype) -> int | float:
     """Exact sum of an integer block, float64 sum of a float32 one."""
     if domain.kind not in _NATIVE_KINDS:
         return float(block.sum(dtype=np.float64))
-    if domain.itemsize == 1 or domain == np.int16:
-        # int32 column sums are faster than an int64 sum and cannot overflow: a chunk has at most 2**16 rows
-        return int(block.reshape(-1, block.shape[-1]).sum(axis=0, dtype=np.int32).sum(dtype=np.int64))
+    rows = block.size // block.shape[-1]
+    if (domain.itemsize == 1 and rows < 1 << 23) or (domain == np.int16 and rows < 1 << 16):
+        # int32 column sums are faster than an int64 sum, and this few rows cannot overflow them
+        return int(block.reshape(rows, -1).sum(axis=0, dtype=np.int32).sum(dtype=np.int64))
     return int(block.sum(dtype=np.int64))
 
 
@@ -348,7 +349,7 @@ def _fast_bounds(scan: _Scan, guess: _Guess | None,
     if guess is None:
         return None
     threshold = _threshold(scan, domain)
-    if threshold < guess.band_floor:
+    if not guess.band_floor <= threshold <= guess.low_top:
         return None
     below = int(np.searchsorted(scan.band, threshold, side="right"))
     low_tail = scan.band[below:]

@@ -93,7 +93,7 @@ class InteractiveSession:
     ``text`` (None), ``require_box`` (False: a session may start from clicks alone, as the challenge allows),
     ``fusion`` (True, with or without the GRU), and the correction switches of :class:`CorrectionConfig`
     (``write_back``, ``k``, ``tau``, ``error_radius``, ``fusion_radius``, ``fusion_band``, ``spread_sigma``,
-    ``spread_intensity_sigma``)
+    ``spread_intensity_sigma``, ``polarity_fusion``)
     overriding the model's.
     """
 
@@ -185,7 +185,7 @@ class InteractiveSession:
         self.prompts, self._history, self._redo = [], [], []
         self._state = self._empty_state()
         self.mask = np.zeros(self._volume.shape, np.uint8)
-        return SessionResult(self.mask.copy(), bounding_box(old_mask != self.mask))
+        return SessionResult(self._snapshot(), bounding_box(old_mask != self.mask))
 
     def settings(self) -> dict:
         """Plain data that, with the prompts, reproduces this session exactly."""
@@ -355,19 +355,22 @@ class InteractiveSession:
             self._window_logits[key] = cached
         return cached
 
-    def _decode_region(self, region: _Region, crop_box, crop_pts, labels,
-                       changed: list[int] | None = None) -> tuple[tuple[slice, ...], torch.Tensor]:
+    def _decode_region(self, region: _Region, crop_box, crop_pts, labels, changed: list[int] | None = None,
+                       extra: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[tuple[slice, ...], torch.Tensor]:
         """Stitched SegVol logits from the windows' current prompts, over the whole region or, with ``changed``
-        (the windows whose prompts changed), over the part of it those windows cover: nothing else can differ.
-        Returns (slices in the region, logits). Windows whose prompts did not change come from the cache."""
+        (the windows whose prompts changed), over the part those windows cover (where the stitched values can
+        differ) joined with the ``extra`` box (region voxels, exclusive stop). Returns (slices in the region,
+        logits). Windows whose prompts did not change come from the cache."""
         grid = region.grid
         padded = np.asarray(grid.padded_shape)
+        before = np.asarray(grid.pad_before)
         lo, hi = np.zeros(3, int), padded
         if changed is not None:
             spans = np.array([[(s.start, s.stop) for s in grid.window_slices(i)] for i in changed])
             lo, hi = spans[:, :, 0].min(axis=0), spans[:, :, 1].max(axis=0)
+            if extra is not None:
+                lo, hi = np.minimum(lo, extra[0] + before), np.maximum(hi, extra[1] + before)
         # the part inside the unpadded region, in padded coordinates
-        before = np.asarray(grid.pad_before)
         lo, hi = np.maximum(lo, before), np.minimum(hi, before + np.asarray(grid.crop_shape))
         shape = tuple(int(v) for v in hi - lo)
         total, count = torch.zeros(shape), torch.zeros(shape)
@@ -414,8 +417,14 @@ class InteractiveSession:
         sl = roi_slices(region.box)
         previous = self._state.logits[sl].clone()
         local_click = click - region.start
-        changed = region.grid.windows_containing(tuple(int(v) for v in local_click))
-        part, new = self._decode_region(region, crop_box, crop_pts, labels, changed)
+        # Without the correction only the windows holding the click (and the fusion ball, where the new values
+        # stand) need stitching again; the correction reads and writes the whole region, so it gets it all.
+        changed = ball = None
+        if not self.correction_active:
+            changed = region.grid.windows_containing(tuple(int(v) for v in local_click))
+            radius = int(np.ceil(config.fusion_radius))
+            ball = (local_click - radius, local_click + radius + 1)
+        part, new = self._decode_region(region, crop_box, crop_pts, labels, changed, ball)
         self._write(step, tuple(slice(r.start + p.start, r.start + p.stop) for r, p in zip(sl, part)), new)
         if self.correction_active:
             self._correct(self._state, crop_pts, labels, step, region)
