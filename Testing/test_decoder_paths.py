@@ -16,6 +16,13 @@ def _model():
     return model.eval()
 
 
+def _inputs(model, batch: int):
+    """Grid, random image tokens (B, G, C) and hypernetwork vectors (B, C/8) for the model's decoder."""
+    grid = tuple(model.config.embedding_grid)
+    tokens = torch.randn(batch, grid[0] * grid[1] * grid[2], model.config.hidden_size)
+    return grid, tokens, torch.randn(batch, model.config.hidden_size // 8)
+
+
 def _reference_upscaled_dot(decoder, tokens, grid, vector):
     b, _, c = tokens.shape
     up = decoder.output_upscaling(tokens.transpose(1, 2).reshape(b, c, *grid))
@@ -24,9 +31,7 @@ def _reference_upscaled_dot(decoder, tokens, grid, vector):
 
 def test_matrix_product_upscaling_equals_the_transposed_convolutions():
     model = _model()
-    grid = tuple(model.config.embedding_grid)
-    tokens = torch.randn(2, grid[0] * grid[1] * grid[2], model.config.hidden_size)
-    vector = torch.randn(2, model.config.hidden_size // 8)
+    grid, tokens, vector = _inputs(model, 2)
     with torch.no_grad():
         fast = model.mask_decoder.upscaled_dot(tokens, grid, vector)
         plain = _reference_upscaled_dot(model.mask_decoder, tokens, grid, vector)
@@ -36,9 +41,7 @@ def test_matrix_product_upscaling_equals_the_transposed_convolutions():
 
 def test_upscaling_gradients_equal_the_module_chain():
     model = _model().train()
-    grid = tuple(model.config.embedding_grid)
-    tokens = torch.randn(1, grid[0] * grid[1] * grid[2], model.config.hidden_size)
-    vector = torch.randn(1, model.config.hidden_size // 8)
+    grid, tokens, vector = _inputs(model, 1)
     grads = []
     for fn in (model.mask_decoder.upscaled_dot, lambda *a: _reference_upscaled_dot(model.mask_decoder, *a)):
         model.zero_grad()
@@ -50,9 +53,7 @@ def test_upscaling_gradients_equal_the_module_chain():
 
 def test_weights_changed_in_place_are_never_served_from_the_arranged_copy():
     model = _model()
-    grid = tuple(model.config.embedding_grid)
-    tokens = torch.randn(1, grid[0] * grid[1] * grid[2], model.config.hidden_size)
-    vector = torch.randn(1, model.config.hidden_size // 8)
+    grid, tokens, vector = _inputs(model, 1)
     with torch.no_grad():
         before = model.mask_decoder.upscaled_dot(tokens, grid, vector)
         model.mask_decoder.output_upscaling[1].weight.mul_(-1.0)

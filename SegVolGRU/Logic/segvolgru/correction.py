@@ -34,14 +34,15 @@ class CorrectionConfig:
     row_dim: int = 64
     spread_sigma: float = 3.0
     # None: the spread field ignores the image; a number: it fades with the normalised-intensity difference to
-    # the clicked voxel (a Gaussian of this width), so a click's correction follows the structure it lies in
-    spread_intensity_sigma: float | None = None
+    # the clicked voxel (a Gaussian of this width), so a click's correction follows the structure it lies in.
+    # 0.08 was chosen on validation phantoms (seeds 500000+), never on the held-out sets.
+    spread_intensity_sigma: float | None = 0.08
     write_back: str = "spread"
     fusion: bool = True
     fusion_radius: float = 20.0
     fusion_band: tuple[float, float] = (0.1, 0.9)
-    # a positive click may only raise logits and a negative one only lower them (with the fusion)
-    polarity_fusion: bool = False
+    # with the fusion: a positive click may only raise logits and a negative one only lower them
+    polarity_fusion: bool = True
 
     def __post_init__(self) -> None:
         if self.write_back not in WRITE_BACK_MODES:

@@ -3,7 +3,7 @@
 Data: three held-out phantom sets (seeds never used in training, >= 20 structures each), and, when available, the
 pyradiomics ``lung2`` CT with its tumour label (BSD-3 repository; the data's clinical origin is not stated) and the
 nilearn MNI152 masks (grey matter, white matter, brain; each its own case since they overlap). Variants: GRU on/off, spread vs sparse write-back,
-fusion on/off, and polarity-consistent fusion with an intensity-aware spread. Each structure runs in its own interactive session; clicks follow the challenge rule on the
+fusion on/off, and the LIM-Net fusion alone with an image-blind spread (the design before the defaults). Each structure runs in its own interactive session; clicks follow the challenge rule on the
 current prediction. The last printed line is one JSON object.
 """
 from __future__ import annotations
@@ -28,9 +28,8 @@ VARIANTS = {
     "gru_off": {"gru": False},
     "sparse": {"gru": True, "write_back": "sparse"},
     "no_fusion": {"gru": True, "fusion": False},
-    # the two switches added after the measurements above: polarity-consistent fusion and an intensity-aware
-    # spread (width chosen on validation phantoms, seeds 500000+, never on the held-out sets)
-    "polarity_intensity": {"gru": True, "polarity_fusion": True, "spread_intensity_sigma": 0.08},
+    # the design before the polarity-consistent fusion and the intensity-aware spread became the defaults
+    "lim_net_fusion_only": {"gru": True, "polarity_fusion": False, "spread_intensity_sigma": None},
 }
 
 
