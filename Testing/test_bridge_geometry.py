@@ -5,18 +5,15 @@ directions, parent transform matrices), never from the bridge's own matrices.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer", reason="real MRML needs the slicer-core wheel (pip install slicer-core)")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+from mrml_support import affine, require_slicer_core, rotation, vtk_matrix
+
+slicer = require_slicer_core()
 
 from vtkmodules.vtkCommonCore import vtkPoints  # noqa: E402
 from vtkmodules.vtkCommonDataModel import vtkImageData  # noqa: E402
-from vtkmodules.vtkCommonMath import vtkMatrix4x4  # noqa: E402
 from vtkmodules.vtkCommonTransforms import vtkThinPlateSplineTransform  # noqa: E402
 
 from segvolgru.errors import InputError  # noqa: E402
@@ -32,21 +29,6 @@ from segvolgru.slicer_bridge import (  # noqa: E402
 )
 
 SHAPE_KJI = (7, 9, 11)
-
-
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    a, b = [n for n in range(3) if n != axis]
-    r = np.eye(3)
-    r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
-    return r
-
-
-def affine(linear: np.ndarray, translation) -> np.ndarray:
-    m = np.eye(4)
-    m[:3, :3] = linear
-    m[:3, 3] = translation
-    return m
 
 
 GEOMETRIES = {
@@ -71,11 +53,7 @@ GEOMETRIES = {
 
 def linear_transform_node(scene, matrix: np.ndarray, name: str = "T"):
     node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
-    vtk_matrix = vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            vtk_matrix.SetElement(r, c, matrix[r, c])
-    node.SetMatrixTransformToParent(vtk_matrix)
+    node.SetMatrixTransformToParent(vtk_matrix(matrix))
     return node
 
 
@@ -212,7 +190,7 @@ def test_rotated_transformed_roi_partly_outside_gives_the_8_corner_box(mrml, nam
 
     roi = mrml.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "rotated box")
     roi.SetSize(*size)
-    roi.SetAndObserveObjectToNodeMatrix(_vtk(affine(roi_rotation, centre_local)))
+    roi.SetAndObserveObjectToNodeMatrix(vtk_matrix(affine(roi_rotation, centre_local)))
     roi.SetAndObserveTransformNodeID(linear_transform_node(mrml.scene, roi_parent, "roi parent").GetID())
 
     world_to_kji = np.linalg.inv(_index_to_world(geometry))
@@ -237,14 +215,6 @@ def _index_to_world(geometry) -> np.ndarray:
     parent = geometry["parent"] if geometry["parent"] is not None else np.eye(4)
     kji_to_ijk = np.eye(4)[[2, 1, 0, 3]]
     return parent @ local @ kji_to_ijk
-
-
-def _vtk(matrix: np.ndarray) -> vtkMatrix4x4:
-    m = vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, matrix[r, c])
-    return m
 
 
 def test_roi_completely_outside_is_rejected_naming_the_axis_and_distance(mrml):

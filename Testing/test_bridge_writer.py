@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer", reason="real MRML needs the slicer-core wheel (pip install slicer-core)")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+from mrml_support import require_slicer_core
+
+slicer = require_slicer_core()
 
 from vtkmodules.vtkCommonMath import vtkMatrix4x4  # noqa: E402
 

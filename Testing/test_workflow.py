@@ -5,18 +5,14 @@ voxel a prompt reaches, what the segment holds, what stays untouched), never seg
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer", reason="real MRML needs the slicer-core wheel (pip install slicer-core)")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+from mrml_support import affine, require_slicer_core, rotation, vtk_matrix
+
+slicer = require_slicer_core()
 torch = pytest.importorskip("torch")
 pytest.importorskip("segvolgru.session", reason="the interactive session is not in this checkout yet")
-
-from vtkmodules.vtkCommonMath import vtkMatrix4x4  # noqa: E402
 
 from segvolgru.cache import EmbeddingCache  # noqa: E402
 from segvolgru.config import TINY_CONFIG  # noqa: E402
@@ -50,29 +46,6 @@ def model():
     net = build_model(TINY_CONFIG)
     net.load_state_dict(synthetic_state_for(net))
     return net.eval()
-
-
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    a, b = [x for x in range(3) if x != axis]
-    m = np.eye(3)
-    m[a, a], m[a, b], m[b, a], m[b, b] = c, -s, s, c
-    return m
-
-
-def vtk_matrix(matrix: np.ndarray) -> vtkMatrix4x4:
-    m = vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, matrix[r, c])
-    return m
-
-
-def affine(linear: np.ndarray, translation) -> np.ndarray:
-    m = np.eye(4)
-    m[:3, :3] = linear
-    m[:3, 3] = translation
-    return m
 
 
 def phantom() -> np.ndarray:
