@@ -301,12 +301,13 @@ class SegmentationWorkflow:
 
         def run() -> _Outcome:
             session, fresh = self._open_session(state, prompts)
-            extent, timings = None, {}
+            extent, timings, mask = None, {}, None
             for result in operate(session):
                 extent = _union(extent, result.changed_extent)
+                mask = result.mask  # a read-only snapshot: later steps of the session copy before writing
                 for stage, seconds in result.timings.items():
                     timings[stage] = timings.get(stage, 0.0) + seconds
-            return _Outcome(session, session.mask.copy(), extent, fresh, timings, sources)
+            return _Outcome(session, session.mask.copy() if mask is None else mask, extent, fresh, timings, sources)
 
         return Step(action, segment_id, run)
 
