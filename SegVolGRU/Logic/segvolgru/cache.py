@@ -46,7 +46,8 @@ def _nbytes(value: object) -> int:
 class EmbeddingCache:
     """Thread-safe LRU of tensors bounded by their total size in bytes (default 2 GiB).
 
-    One official-size window embedding (1, 768, 8, 16, 16) float32 is 6.3 MB, so the default holds ~320 windows.
+    One official-size window embedding (1, 768, 8, 16, 16) float32 is 6.3 MB, and the decoder's cached image-side
+    projections of it 9.4 MB more, so the default holds ~130 decoded windows (~320 encoded only).
     """
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
