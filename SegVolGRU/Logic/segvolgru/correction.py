@@ -199,6 +199,12 @@ def _separable_blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[0, 0]
 
 
+def _ball(box: tuple[slice, ...], centre, radius: float, device) -> torch.Tensor:
+    """Voxels of ``box`` within Euclidean ``radius`` of ``centre`` (both in the same voxel coordinates)."""
+    axes = [torch.arange(s.start, s.stop, device=device, dtype=torch.float32) - float(c) for s, c in zip(box, centre)]
+    return axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2 <= radius ** 2
+
+
 def apply_deltas(logits: torch.Tensor, rows: CorrectionRows, delta: torch.Tensor, click: np.ndarray,
                  config: CorrectionConfig, image: torch.Tensor | None = None) -> torch.Tensor:
     """Corrected copy of region ``logits`` (K, J, I).
@@ -232,9 +238,8 @@ def apply_deltas(logits: torch.Tensor, rows: CorrectionRows, delta: torch.Tensor
     values = values.index_put((local[:, 0], local[:, 1], local[:, 2]), d[near], accumulate=True)
     weights = weights.index_put((local[:, 0], local[:, 1], local[:, 2]), torch.ones_like(d[near]), accumulate=True)
     field = _separable_blur(values, config.spread_sigma) / _separable_blur(weights, config.spread_sigma).clamp(min=1e-3)
-    grid = torch.stack(torch.meshgrid(*[torch.arange(n, device=logits.device) for n in size], indexing="ij"), -1)
-    inside = ((grid + lo - c).float().pow(2).sum(-1).sqrt() <= config.error_radius).to(logits.dtype)
     sl = tuple(slice(int(a), int(b)) for a, b in zip(lo.tolist(), hi.tolist()))
+    inside = _ball(sl, click, config.error_radius, logits.device).to(logits.dtype)
     if config.spread_intensity_sigma is not None and image is not None:
         local_image = image[sl].to(logits.dtype)
         difference = local_image - image[tuple(int(v) for v in click)].to(logits.dtype)
@@ -258,9 +263,7 @@ def fuse(previous: torch.Tensor, new: torch.Tensor, origin: tuple[int, int, int]
     hi = [min(n, int(math.ceil(c - o + radius)) + 1) for n, c, o in zip(new.shape, click, origin)]
     if all(a < b for a, b in zip(lo, hi)):
         box = tuple(slice(a, b) for a, b in zip(lo, hi))
-        axes = [torch.arange(a, b, device=new.device, dtype=torch.float32) + o - float(c)
-                for a, b, o, c in zip(lo, hi, origin, click)]
-        near = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2 <= radius ** 2
+        near = _ball(box, np.asarray(click, np.float64) - np.asarray(origin), radius, new.device)
         fused[box] = torch.where(near, new[box], fused[box])
     if config.polarity_fusion and positive is not None:
         # "add here" never removes, "remove here" never adds: what the user accepted elsewhere stays

@@ -153,11 +153,13 @@ class Engine:
         if cached is not None:
             return cached  # type: ignore[return-value]
         start = time.perf_counter()
+        tags = [tag]
 
         def run() -> torch.Tensor:
             device = self.device
-            # the tag again: after an out-of-memory fallback this runs a second time, on other weights
-            image_side = self._image_side(embedding, (self._model_tag(), embedding_key))
+            # a second run follows an out-of-memory fallback, on weights moved to the CPU: tag them again
+            tags.append(tags[-1] if len(tags) == 1 else self._model_tag())
+            image_side = self._image_side(embedding, (tags[-1], embedding_key))
             boxes = None if box is None else torch.tensor([box], dtype=torch.float32, device=device)
             point_prompt = None
             if pts is not None:
@@ -172,7 +174,7 @@ class Engine:
         if timings is not None:
             timings.add("decoder_s", time.perf_counter() - start)
             timings.decoder_runs += 1
-        self.cache.put(("decoder", self._model_tag()) + key[2:], low_res)
+        self.cache.put(("decoder", tags[-1]) + key[2:], low_res)
         return low_res
 
     def _image_side(self, embedding: torch.Tensor, key: tuple) -> tuple:

@@ -415,24 +415,23 @@ class InteractiveSession:
             self._state.regions.append(region)
             step.new_regions.append(region)
         sl = roi_slices(region.box)
-        previous = self._state.logits[sl].clone()
         local_click = click - region.start
         # Without the correction only the windows holding the click (and the fusion ball, where the new values
-        # stand) need stitching again; the correction reads and writes the whole region, so it gets it all.
+        # stand) need stitching again, and nothing outside that part changes, so the fusion keeps it as is; the
+        # correction reads and writes the whole region, so it gets it all.
         changed = ball = None
         if not self.correction_active:
             changed = region.grid.windows_containing(tuple(int(v) for v in local_click))
             radius = int(np.ceil(config.fusion_radius))
             ball = (local_click - radius, local_click + radius + 1)
         part, new = self._decode_region(region, crop_box, crop_pts, labels, changed, ball)
-        self._write(step, tuple(slice(r.start + p.start, r.start + p.stop) for r, p in zip(sl, part)), new)
+        part_sl = tuple(slice(r.start + p.start, r.start + p.stop) for r, p in zip(sl, part))
+        if not self.correction_active:
+            sl, local_click = part_sl, local_click - np.array([p.start for p in part])
+        previous = self._state.logits[sl].clone()
+        self._write(step, part_sl, new)
         if self.correction_active:
             self._correct(self._state, crop_pts, labels, step, region)
-        else:
-            # without the correction nothing outside the re-decoded part changed, so the fusion keeps it as is
-            sl = tuple(slice(r.start + p.start, r.start + p.stop) for r, p in zip(sl, part))
-            previous = previous[part]
-            local_click = local_click - np.array([p.start for p in part])
         if config.fusion:
             self._write(step, sl, fuse(previous, self._state.logits[sl], (0, 0, 0), local_click, config,
                                        bool(labels[-1])))

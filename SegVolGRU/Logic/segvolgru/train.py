@@ -185,9 +185,7 @@ def train_step(model: SegVol, optimizer: torch.optim.Optimizer, sample: Sample, 
     present = [int(v) for v in np.unique(sample.labels) if v > 0]
     chosen = rng.permutation(present)[:settings.structures_per_step] if present else []
     image = torch.from_numpy(sample.image)[None, None].to(device)
-    # A frozen encoder needs no autograd graph: its activations are the largest of the step.
-    with torch.set_grad_enabled(any(p.requires_grad for p in model.image_encoder.parameters())):
-        embedding = model.encode(image)
+    embedding = model.encode(image)  # a frozen encoder on an input without grad records no graph anyway
     total = torch.zeros((), device=device)
     box_dice, last_dice, clicks = [], [], 0
     for value in chosen:
@@ -214,10 +212,10 @@ def _learning_rate(settings: TrainSettings, step: int) -> float:
 
 
 def _save_state(path: Path, model: SegVol, optimizer: torch.optim.Optimizer, step: int, log: list[dict],
-                recipe: dict, part: str) -> None:
+                recipe: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"config": model.config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "log": log, "recipe": recipe, "part": part, "torch_rng": torch.get_rng_state(),
+                "step": step, "log": log, "recipe": recipe, "torch_rng": torch.get_rng_state(),
                 "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}, tmp)
     tmp.replace(path)  # a crash while writing never leaves a truncated resume file
 
@@ -227,7 +225,8 @@ def _load_state(path: Path, model: SegVol, optimizer: torch.optim.Optimizer, par
     if state["config"] != model.config.to_dict():
         raise InputError(f"{path} was written for another model configuration: resume with the configuration it "
                          "was trained with, or start a new run in another folder")
-    saved = state.get("part", "all")  # resume files from before --train trained everything
+    # the part is in the recipe's settings; resume files from before --train trained everything
+    saved = state["recipe"].get("settings", {}).get("part", "all")
     if saved != part:
         raise InputError(f"{path} was written by a '--train {saved}' run, this one is '--train {part}': resume "
                          f"with --train {saved}, or start the new run in another folder (or with --no-resume)")
@@ -334,11 +333,11 @@ def train(config: SegVolConfig | None, out_dir: str | Path, settings: TrainSetti
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", box=record["box_dice"], final=record["final_dice"])
             if time.perf_counter() - last_save > settings.checkpoint_every_s:
-                _save_state(state_path, model, optimizer, step, log, recipe, settings.part)
+                _save_state(state_path, model, optimizer, step, log, recipe)
                 last_save = time.perf_counter()
     if bar is not None:
         bar.close()
-    _save_state(state_path, model, optimizer, step, log, dict(recipe, device=str(target)), settings.part)
+    _save_state(state_path, model, optimizer, step, log, dict(recipe, device=str(target)))
     export_model(state_path, out / "model.pt")
     return model.eval().cpu()
 
