@@ -1,15 +1,20 @@
-"""The decoder's fast paths (matrix-product upscaling, cached image side) against the plain module chain."""
+"""The decoder's fast paths (matrix-product upscaling, factored decoding on a cached image) against the plain
+module chain."""
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
 from segvolgru.config import TINY_TEXT_CONFIG
 from segvolgru.network import build_model
+from segvolgru.network.factored_decoder import DecoderSide
 
 
-def _model():
+def _model(**changes):
     torch.manual_seed(3)
-    model = build_model(TINY_TEXT_CONFIG)
+    model = build_model(dataclasses.replace(TINY_TEXT_CONFIG, **changes))
     with torch.no_grad():
         for p in model.mask_decoder.parameters():  # non-trivial LayerNorm affine and biases
             p.add_(0.2 * torch.randn_like(p))
@@ -63,17 +68,35 @@ def test_weights_changed_in_place_are_never_served_from_the_arranged_copy():
     assert (after - plain).abs().max() <= 1e-5 * plain.abs().max()
 
 
-def test_cached_image_side_gives_the_same_logits_for_every_prompt():
-    model = _model()
-    embedding = torch.randn(1, model.config.hidden_size, *model.config.embedding_grid)
+def _side(model, embedding):
+    return DecoderSide(model.decoder_image_side(embedding), model.decoder_shared_side())
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_factored_decoder_gives_the_module_chain_logits_for_every_prompt(depth):
+    model = _model(decoder_depth=depth)
+    embedding = 2.0 * torch.randn(1, model.config.hidden_size, *model.config.embedding_grid) + 0.5
     text = model.embed_text(["liver"]).detach()
     with torch.no_grad():
-        side = model.decoder_image_side(embedding)
+        side = _side(model, embedding)
         for boxes, points, text_emb in [
             (torch.tensor([[1.0, 2, 3, 10, 20, 25]]), None, None),
             (None, (torch.tensor([[[4.0, 9, 9], [6, 20, 3]]]), torch.tensor([[1.0, 0.0]])), None),
             (torch.tensor([[0.0, 0, 0, 5, 5, 5]]), (torch.tensor([[[2.0, 2, 2]]]), torch.tensor([[1.0]])), text),
         ]:
             plain = model.decode(embedding, boxes, points, text_emb)
-            cached = model.decode(embedding, boxes, points, text_emb, side)
-            assert torch.allclose(plain, cached, rtol=1e-5, atol=1e-6)
+            factored = model.decode(embedding, boxes, points, text_emb, side)
+            assert (plain - factored).abs().max() <= 1e-5 * plain.abs().max() + 1e-5
+
+
+def test_factored_decoder_batches_prompt_sets_on_one_cached_image():
+    model = _model()
+    embedding = torch.randn(1, model.config.hidden_size, *model.config.embedding_grid)
+    boxes = torch.tensor([[1.0, 2, 3, 10, 20, 25], [0.0, 0, 0, 5, 5, 5]])
+    points = (torch.tensor([[[4.0, 9, 9]], [[2.0, 2, 2]]]), torch.tensor([[1.0], [0.0]]))
+    with torch.no_grad():
+        factored = model.decode(embedding, boxes, points, None, _side(model, embedding))
+        one_by_one = torch.cat([model.decode(embedding, boxes[i:i + 1], (points[0][i:i + 1], points[1][i:i + 1]))
+                                for i in range(2)])
+    assert factored.shape == one_by_one.shape == (2, 1, *(4 * g for g in model.config.embedding_grid))
+    assert (factored - one_by_one).abs().max() <= 1e-5 * one_by_one.abs().max() + 1e-5

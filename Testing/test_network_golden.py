@@ -9,6 +9,7 @@ import torch
 
 from golden_support import cases, golden_image, manifest_entries, manifest_hash, max_abs_diff, reference, stats
 from segvolgru import load_model
+from segvolgru.network.factored_decoder import DecoderSide
 from segvolgru.synthetic_weights import state_hash, synthetic_state_dict
 from segvolgru.tokenizer import default_tokenizer, organ_prompts
 
@@ -90,6 +91,10 @@ def test_golden_case_matches_official(name, model, embedding, ref):
         sparse, _ = model.prompt_encoder(points=points, boxes=boxes_3d, text_embedding=text_embedding)
         low_res = model.decode(embedding, boxes, points, text_embedding)
         logits = model.upsample(low_res)
+        # the engine's path: the factored decoder on the cached image side
+        side = DecoderSide(model.decoder_image_side(embedding), model.decoder_shared_side())
+        factored = model.decode(embedding, boxes, points, text_embedding, side)
+    assert max_abs_diff(factored.numpy(), ref[f"{name}_low_res_logits"]) <= TOL
     if text_embedding is not None:
         assert max_abs_diff(text_embedding.numpy(), ref[f"{name}_text_embedding"]) <= TOL
     if boxes is not None:

@@ -18,6 +18,7 @@ from .cache import EmbeddingCache, content_key, shared_cache
 from .device import autocast, with_oom_fallback
 from .errors import InputError
 from .network import SegVol
+from .network.factored_decoder import DecoderSide
 from .preprocessing import Preprocessed, preprocess
 from .prompts import Box
 from .windows import WindowGrid
@@ -177,14 +178,20 @@ class Engine:
         self.cache.put(("decoder", tags[-1]) + key[2:], low_res)
         return low_res
 
-    def _image_side(self, embedding: torch.Tensor, key: tuple) -> tuple:
-        """The decoder's prompt-independent projections of an embedding, cached with it (9.4 MB per official
-        window): every later prompt on the same window skips them."""
-        def compute() -> tuple:
-            with torch.inference_mode(), autocast(self.device, self.precision):
-                return self.model.decoder_image_side(embedding.to(self.device))
+    def _image_side(self, embedding: torch.Tensor, key: tuple) -> DecoderSide:
+        """The decoder's prompt-free products of an embedding (37.7 MB per official window) and of the model,
+        cached: every later prompt on the same window runs the factored decoder on them."""
+        def run(fn):
+            def compute():
+                with torch.inference_mode(), autocast(self.device, self.precision):
+                    return fn()
+            return compute
 
-        return self.cache.get_or_compute(("decoder_image",) + key, compute)  # type: ignore[return-value]
+        tag, embedding_key = key
+        window = self.cache.get_or_compute(("decoder_image", tag, embedding_key),
+                                           run(lambda: self.model.decoder_image_side(embedding.to(self.device))))
+        shared = self.cache.get_or_compute(("decoder_shared", tag), run(self.model.decoder_shared_side))
+        return DecoderSide(window, shared)  # type: ignore[arg-type]
 
     def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
         """Low-resolution logits -> (K, J, I) logits at the window size (the official trilinear step)."""

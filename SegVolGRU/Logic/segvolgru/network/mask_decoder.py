@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import SegVolConfig
+from . import factored_decoder
 from .transformer import TwoWayTransformer
 
 
@@ -40,6 +41,7 @@ class MaskDecoder(nn.Module):
         super().__init__()
         dim = config.hidden_size
         self.num_mask_tokens = config.num_multimask_outputs + 1
+        self.grid = tuple(config.embedding_grid)
         self.transformer = TwoWayTransformer(
             depth=config.decoder_depth, dim=dim, num_heads=config.decoder_heads, mlp_dim=config.decoder_mlp_dim)
         self.iou_token = nn.Embedding(1, dim)
@@ -67,19 +69,26 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
-        image_side: tuple | None = None,
+        image_side: factored_decoder.DecoderSide | None = None,
     ) -> torch.Tensor:
         """(B, C, g0, g1, g2) embedding + prompts -> mask-0 logits (B, 1, 4g0, 4g1, 4g2).
 
-        ``image_embeddings`` may have batch 1 and be shared by B prompt sets. ``image_side``: the transformer's
-        :meth:`~TwoWayTransformer.image_side` of the same embedding plus dense embedding and PE, to skip it.
+        ``image_embeddings`` may have batch 1 and be shared by B prompt sets. ``image_side``: the
+        :func:`~factored_decoder.image_side` of this embedding (plus the no-mask dense embedding, which it then
+        must be) and the model's :func:`~factored_decoder.shared_side`, to decode in factored form.
         """
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
-        src = image_embeddings.expand(b, -1, -1, -1, -1) + dense_prompt_embeddings
-        pos = image_pe.expand(b, -1, -1, -1, -1)
-        hs, image_tokens = self.transformer(src, pos, tokens, image_side)
+        grid = tuple(image_embeddings.shape[2:])
+        if image_side is not None:
+            x = (image_embeddings[:1] + dense_prompt_embeddings[:1]).flatten(2).transpose(1, 2).contiguous()
+            hs, first = factored_decoder.run(self, image_side, x, tokens)
+        else:
+            src = image_embeddings.expand(b, -1, -1, -1, -1) + dense_prompt_embeddings
+            pos = image_pe.expand(b, -1, -1, -1, -1)
+            hs, image_tokens = self.transformer(src, pos, tokens)
+            first = image_tokens @ self.upscaling_weights(grid)[0]
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
         # Only mask 0 is ever used (multimask_output=False): the other hypernetworks are in the checkpoint only.
         vector = self.output_hypernetworks_mlps[0](mask_tokens_out[:, 0])
@@ -87,18 +96,23 @@ class MaskDecoder(nn.Module):
             # Text enters twice: as a sparse token above, and as a similarity map with the upscaled embedding,
             # added to the mask logits; both maps are linear in it, so the two vectors are summed first.
             vector = vector + self.txt_align_upscaled_embedding(text_embedding)
-        return self.upscaled_dot(image_tokens, tuple(src.shape[2:]), vector)[:, None]
+        return self._upscaled_dot_from(first, grid, vector)[:, None]
 
     def upscaled_dot(self, image_tokens: torch.Tensor, grid: tuple[int, int, int],
                      vector: torch.Tensor) -> torch.Tensor:
         """``output_upscaling`` of the (B, G, C) image tokens on ``grid``, dotted over channels with the (B, C/8)
         ``vector``: (B, 4g0, 4g1, 4g2)."""
+        return self._upscaled_dot_from(image_tokens @ self.upscaling_weights(grid)[0], grid, vector)
+
+    def _upscaled_dot_from(self, first: torch.Tensor, grid: tuple[int, int, int],
+                           vector: torch.Tensor) -> torch.Tensor:
+        """:meth:`upscaled_dot` after its first product: ``first`` = image tokens @ the arranged first weight."""
         norm = self.output_upscaling[1]
-        b, n, c = image_tokens.shape
-        w1, b1, w2, b2, norm_weight, norm_bias = self._upscaling_weights(grid)
+        b, n, _ = first.shape
+        _, b1, w2, b2, norm_weight, norm_bias = self.upscaling_weights(grid)
         c1 = w2.shape[0]
         # rows: input voxels; columns: (position in the voxel's 2x2x2 block, channel)
-        y = torch.addmm(b1, image_tokens.reshape(b * n, c), w1).view(b, -1)
+        y = (first + b1).view(b, -1)
         y = F.gelu(F.layer_norm(y, (y.shape[1],), norm_weight, norm_bias, norm.eps))
         # rows: (voxel, first block position); columns: (second block position, channel)
         z = F.gelu(torch.addmm(b2, y.view(-1, c1), w2)).view(b, n * 64, -1)
@@ -107,8 +121,10 @@ class MaskDecoder(nn.Module):
         masks = masks.permute(0, 1, 4, 7, 2, 5, 8, 3, 6, 9)
         return masks.reshape(b, 4 * grid[0], 4 * grid[1], 4 * grid[2])
 
-    def _upscaling_weights(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
-        """The upscaling's weights in the layouts of :meth:`upscaled_dot`, cached until they change."""
+    def upscaling_weights(self, grid: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, ...]:
+        """The upscaling's weights in the layouts of :meth:`upscaled_dot` (for ``grid``, by default the
+        configured one), cached until they change."""
+        grid = self.grid if grid is None else tuple(grid)
         conv1, norm, _, conv2, _ = self.output_upscaling
         tensors = (conv1.weight, conv1.bias, conv2.weight, conv2.bias, norm.weight, norm.bias)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

@@ -3,9 +3,8 @@
 Shapes: image tokens (B, N_img, C) with N_img the flattened embedding grid in raster (d, h, w) order; prompt and
 output tokens (B, N_tok, C). Attribute names are the checkpoint format.
 
-The first layer's token->image keys and values and its image->token queries are projections of the image alone
-(no prompt reaches the image tokens before that layer's last step): :meth:`TwoWayTransformer.image_side` computes
-them once per image, so a new prompt on a cached image skips three of the largest matrix products.
+This is the plain module chain (training, and the reference in tests); decoding a new prompt on a cached image
+goes through :mod:`.factored_decoder`, which reuses these modules on the token side.
 """
 from __future__ import annotations
 
@@ -77,9 +76,7 @@ class TwoWayAttentionBlock(nn.Module):
         self.cross_attn_image_to_token = Attention(dim, num_heads, downsample_rate)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(self, queries, keys, query_pe, key_pe, image_side: tuple | None = None):
-        """``image_side``: (token->image keys, token->image values, image->token queries) of these keys, from
-        :meth:`TwoWayTransformer.image_side`; only valid for the first layer."""
+    def forward(self, queries, keys, query_pe, key_pe):
         if self.skip_first_layer_pe:
             # The first layer replaces the tokens by their self-attention: no positional term, no residual.
             queries = self.self_attn(queries, queries, queries)
@@ -87,14 +84,11 @@ class TwoWayAttentionBlock(nn.Module):
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
-        if image_side is None:
-            with_pe = keys + key_pe
-            image_side = (with_pe, keys, with_pe)
-        image_k, image_v, image_q = image_side
-        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, image_k, image_v))
+        with_pe = keys + key_pe
+        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, with_pe, keys))
         queries = self.norm3(queries + self.mlp(queries))
         q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(image_q, q, queries))
+        keys = self.norm4(keys + self.cross_attn_image_to_token(with_pe, q, queries))
         return queries, keys
 
 
@@ -107,26 +101,13 @@ class TwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = Attention(dim, num_heads, downsample_rate)
         self.norm_final_attn = nn.LayerNorm(dim)
 
-    def image_side(self, image: torch.Tensor, image_pe: torch.Tensor) -> tuple[Heads, Heads, Heads]:
-        """The first layer's prompt-independent projections of image (B, C, g0, g1, g2) and image_pe."""
-        keys = image.flatten(2).permute(0, 2, 1)
-        with_pe = keys + image_pe.flatten(2).permute(0, 2, 1)
-        first = self.layers[0]
-        to_image, to_token = first.cross_attn_token_to_image, first.cross_attn_image_to_token
-        return (Heads(to_image.heads(to_image.k_proj, with_pe)), Heads(to_image.heads(to_image.v_proj, keys)),
-                Heads(to_token.heads(to_token.q_proj, with_pe)))
-
-    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor,
-                image_side: tuple[Heads, Heads, Heads] | None = None):
-        """image, image_pe (B, C, g0, g1, g2); tokens (B, N, C) -> (tokens (B, N, C), image tokens (B, G, C)).
-
-        ``image_side`` is :meth:`image_side` of the same image and PE (batch 1 or B), or None to compute it.
-        """
+    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor):
+        """image, image_pe (B, C, g0, g1, g2); tokens (B, N, C) -> (tokens (B, N, C), image tokens (B, G, C))."""
         keys = image.flatten(2).permute(0, 2, 1)
         key_pe = image_pe.flatten(2).permute(0, 2, 1)
         queries = tokens
-        for index, layer in enumerate(self.layers):
-            queries, keys = layer(queries, keys, tokens, key_pe, image_side if index == 0 else None)
+        for layer in self.layers:
+            queries, keys = layer(queries, keys, tokens, key_pe)
         q, k = queries + tokens, keys + key_pe
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
         return queries, keys
