@@ -111,8 +111,8 @@ class _Factored:
     def plus(self, left: torch.Tensor, right: torch.Tensor) -> "_Factored":
         return _Factored(self.scale, torch.cat([self.left, left], -1), torch.cat([self.right, right], 1))
 
-    def layer_norm(self, norm: torch.nn.LayerNorm, x: torch.Tensor, stats, gain: torch.Tensor) -> "_Factored":
-        """LayerNorm over channels; the result's base is X ⊙ gain ⊙ norm.weight."""
+    def layer_norm(self, norm: torch.nn.LayerNorm, x_t: torch.Tensor, stats, gain: torch.Tensor) -> "_Factored":
+        """LayerNorm over channels, given X channels-first (1, C, N); the result's base is X ⊙ gain ⊙ norm.weight."""
         mean_base, var_base = stats
         b, _, r = self.left.shape
         c = self.right.shape[-1]
@@ -120,7 +120,7 @@ class _Factored:
         centred = self.right - right_mean[..., None]
         mean = self.scale * mean_base + (self.left @ right_mean[..., None])[..., 0]
         # centred rows: scale·(base − its mean) + left @ centred; base's mean drops out against centred rows
-        cross = (self.left * (x @ (centred * gain).transpose(1, 2))).sum(-1)
+        cross = (self.left * ((centred * gain) @ x_t).transpose(1, 2)).sum(-1)
         quad = ((self.left @ (centred @ centred.transpose(1, 2))) * self.left).sum(-1)
         var = self.scale.square() * var_base + (2 * self.scale * cross + quad) / c
         inv = torch.rsqrt(var.clamp_min(0) + norm.eps)
@@ -145,16 +145,16 @@ def _image_update(attention: Attention, q_image: torch.Tensor, q_tokens: torch.T
     return left, torch.cat([values, attention.out_proj.bias.expand(b, 1, -1)], 1)
 
 
-def run(decoder, side: DecoderSide, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def run(decoder, side: DecoderSide, x_t: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The two-way transformer and the first upscaling product on a cached image.
 
-    ``x`` (1, N, C) prompt-free image tokens, ``tokens`` (B, n, C) output + prompt tokens -> (token outputs
+    ``x_t`` (1, C, N) prompt-free image tokens channels-first (the embedding's own layout), ``tokens`` (B, n, C) output + prompt tokens -> (token outputs
     (B, n, C), first transposed-convolution output before its bias (B, N, 8 C/4))."""
     transformer = decoder.transformer
     window, shared = side
-    b, n_img = tokens.shape[0], x.shape[1]
+    b, c, n_img = tokens.shape[0], x_t.shape[1], x_t.shape[2]
     g = gains(transformer)
-    image = _Factored(x.new_ones(b, n_img), x.new_zeros(b, n_img, 0), x.new_zeros(b, 0, x.shape[2]))
+    image = _Factored(x_t.new_ones(b, n_img), x_t.new_zeros(b, n_img, 0), x_t.new_zeros(b, 0, c))
     queries = tokens
     for index, layer in enumerate(transformer.layers):
         if layer.skip_first_layer_pe:
@@ -174,7 +174,7 @@ def run(decoder, side: DecoderSide, x: torch.Tensor, tokens: torch.Tensor) -> tu
         queries = layer.norm2(queries + to_image(queries + tokens, Heads(k_img), Heads(v_img)))
         queries = layer.norm3(queries + layer.mlp(queries))
         image = image.plus(*_image_update(to_token, q_img, queries + tokens, queries))
-        image = image.layer_norm(layer.norm4, x, window.stats[index], g[index])
+        image = image.layer_norm(layer.norm4, x_t, window.stats[index], g[index])
     last = transformer.final_attn_token_to_image
     (ck, cv), (pk, bv) = window.final, shared.final
     k_img = last._split(image.project(ck, last.k_proj.weight.t()) + pk)

@@ -82,8 +82,8 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
         grid = tuple(image_embeddings.shape[2:])
         if image_side is not None:
-            x = (image_embeddings[:1] + dense_prompt_embeddings[:1]).flatten(2).transpose(1, 2).contiguous()
-            hs, first = factored_decoder.run(self, image_side, x, tokens)
+            x_t = (image_embeddings[:1] + dense_prompt_embeddings[:1]).flatten(2)
+            hs, first = factored_decoder.run(self, image_side, x_t, tokens)
         else:
             src = image_embeddings.expand(b, -1, -1, -1, -1) + dense_prompt_embeddings
             pos = image_pe.expand(b, -1, -1, -1, -1)
