@@ -148,8 +148,9 @@ def _image_update(attention: Attention, q_image: torch.Tensor, q_tokens: torch.T
 def run(decoder, side: DecoderSide, x_t: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The two-way transformer and the first upscaling product on a cached image.
 
-    ``x_t`` (1, C, N) prompt-free image tokens channels-first (the embedding's own layout), ``tokens`` (B, n, C) output + prompt tokens -> (token outputs
-    (B, n, C), first transposed-convolution output before its bias (B, N, 8 C/4))."""
+    ``x_t`` (1, C, N) prompt-free image tokens channels-first (the embedding's own layout), ``tokens`` (B, n, C)
+    output + prompt tokens -> (token outputs (B, n, C), the first transposed convolution's output before its bias,
+    (B, N, 8 C/4))."""
     transformer = decoder.transformer
     window, shared = side
     b, c, n_img = tokens.shape[0], x_t.shape[1], x_t.shape[2]
