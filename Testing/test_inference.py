@@ -121,6 +121,22 @@ def test_cache_is_bounded_in_bytes():
     assert len(cache) == 3 and cache.get(0) is None and cache.get(4) is not None
 
 
+def test_cache_evicts_cheap_entries_before_embeddings():
+    cache = EmbeddingCache(max_bytes=4 * 4000)
+    cache.put("embedding 0", torch.zeros(1000))
+    cache.put("side 0", torch.zeros(1000), cheap=True)
+    cache.put("side 1", torch.zeros(1000), cheap=True)
+    cache.put("embedding 1", torch.zeros(1000))
+    assert cache.get("side 0") is not None  # now the more recently used cheap entry
+    cache.put("embedding 2", torch.zeros(1000))  # over budget: the least recent cheap entry goes
+    assert cache.get("side 1") is None and cache.get("embedding 0") is not None
+    cache.put("embedding 3", torch.zeros(1000))
+    cache.put("embedding 4", torch.zeros(1000))  # no cheap entry left: plain LRU (0 was read after 1)
+    assert cache.get("side 0") is None and cache.get("embedding 1") is None
+    assert [cache.get(f"embedding {n}") is not None for n in (0, 2, 3, 4)] == [True] * 4
+    assert cache.nbytes == 4 * 4000
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"box": (0, 0, 0, 50, 10, 10)}, "outside the volume"),
     ({"box": (10, 10, 10, 5, 20, 20)}, "inverted"),
