@@ -255,6 +255,20 @@ def test_fusion_keeps_previous_values_beyond_radius_unless_confident():
     assert (fused[0, 0, 20:] == -3.0).all()
 
 
+def test_fusion_keeping_accepted_values_lets_a_confident_value_replace_only_an_unsure_one():
+    config = CorrectionConfig(fusion_radius=5, fusion_keep_accepted=True)
+    prev = torch.tensor([[[-3.0] * 10 + [0.3] * 10 + [3.0] * 10]])
+    new = torch.tensor([[[4.0] * 30]])
+    new[0, 0, 25:] = -4.0
+    fused = fuse(prev, new, (0, 0, 0), np.array([0, 0, 2]), config)
+    assert torch.equal(fused[0, 0, :8], new[0, 0, :8])         # within R of the click: new values
+    assert (fused[0, 0, 8:10] == -3.0).all()                    # beyond R, accepted background stays
+    assert torch.equal(fused[0, 0, 10:20], new[0, 0, 10:20])    # beyond R, unsure before: the confident new value
+    assert (fused[0, 0, 20:] == 3.0).all()                      # accepted foreground stays, even against -4
+    assert (fuse(prev, torch.full_like(new, 0.1), (0, 0, 0), np.array([0, 0, 2]), config)[0, 0, 8:] ==
+            prev[0, 0, 8:]).all()                               # unsure new values never replace anything
+
+
 def test_untrained_head_leaves_segvol_unchanged():
     from segvolgru.correction import ClickCorrector
 

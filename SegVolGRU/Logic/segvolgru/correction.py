@@ -43,6 +43,8 @@ class CorrectionConfig:
     fusion_band: tuple[float, float] = (0.1, 0.9)
     # with the fusion: a positive click may only raise logits and a negative one only lower them
     polarity_fusion: bool = True
+    # with the fusion: beyond the radius a confident new value only replaces an unsure previous one
+    fusion_keep_accepted: bool = False
 
     def __post_init__(self) -> None:
         if self.write_back not in WRITE_BACK_MODES:
@@ -256,7 +258,11 @@ def fuse(previous: torch.Tensor, new: torch.Tensor, origin: tuple[int, int, int]
     lo_p, hi_p = config.fusion_band
     lo_logit, hi_logit = math.log(lo_p / (1 - lo_p)), math.log(hi_p / (1 - hi_p))
     unsure = (new >= lo_logit) & (new <= hi_logit)
-    fused = torch.where(unsure, previous, new)
+    if config.fusion_keep_accepted:
+        # what the user already accepted (a confident previous value) stays beyond the radius
+        fused = torch.where(~unsure & (previous >= lo_logit) & (previous <= hi_logit), new, previous)
+    else:
+        fused = torch.where(unsure, previous, new)
     # within the radius the new values stand: only the ball's bounding box needs the distances
     radius = config.fusion_radius
     lo = [max(0, int(math.floor(c - o - radius))) for c, o in zip(click, origin)]

@@ -2,9 +2,11 @@
 
 Data: three held-out phantom sets (seeds never used in training, >= 20 structures each), and, when available, the
 pyradiomics ``lung2`` CT with its tumour label (BSD-3 repository; the data's clinical origin is not stated) and the
-nilearn MNI152 masks (grey matter, white matter, brain; each its own case since they overlap). Variants: GRU on/off, spread vs sparse write-back,
-fusion on/off, and the LIM-Net fusion alone with an image-blind spread (the design before the defaults). Each structure runs in its own interactive session; clicks follow the challenge rule on the
-current prediction. The last printed line is one JSON object.
+nilearn MNI152 masks (grey matter, white matter, brain; each its own case since they overlap). Variants: GRU
+on/off, spread vs sparse write-back, fusion on/off, the fusion keeping accepted (confident) values beyond its
+radius, and the LIM-Net fusion alone with an image-blind spread (the design before the defaults). Each structure
+runs in its own interactive session; clicks follow the challenge rule on the current prediction. The last printed
+line is one JSON object.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ VARIANTS = {
     "gru_off": {"gru": False},
     "sparse": {"gru": True, "write_back": "sparse"},
     "no_fusion": {"gru": True, "fusion": False},
+    # beyond the fusion radius, a confident new value replaces only an unsure previous one
+    "keep_accepted": {"gru": True, "fusion_keep_accepted": True},
     # the design before the polarity-consistent fusion and the intensity-aware spread became the defaults
     "lim_net_fusion_only": {"gru": True, "polarity_fusion": False, "spread_intensity_sigma": None},
 }

@@ -93,7 +93,7 @@ class InteractiveSession:
     ``text`` (None), ``require_box`` (False: a session may start from clicks alone, as the challenge allows),
     ``fusion`` (True, with or without the GRU), and the correction switches of :class:`CorrectionConfig`
     (``write_back``, ``k``, ``tau``, ``error_radius``, ``fusion_radius``, ``fusion_band``, ``spread_sigma``,
-    ``spread_intensity_sigma``, ``polarity_fusion``)
+    ``spread_intensity_sigma``, ``polarity_fusion``, ``fusion_keep_accepted``)
     overriding the model's.
     """
 
