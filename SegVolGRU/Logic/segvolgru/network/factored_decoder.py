@@ -158,12 +158,7 @@ def run(decoder, side: DecoderSide, x_t: torch.Tensor, tokens: torch.Tensor) -> 
     image = _Factored(x_t.new_ones(b, n_img), x_t.new_zeros(b, n_img, 0), x_t.new_zeros(b, 0, c))
     queries = tokens
     for index, layer in enumerate(transformer.layers):
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(queries, queries, queries)
-        else:
-            q = queries + tokens
-            queries = queries + layer.self_attn(q, q, queries)
-        queries = layer.norm1(queries)
+        queries = layer.token_self_attention(queries, tokens)
         to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         if index == 0:
             k_img, v_img, q_img = window.first
@@ -172,8 +167,7 @@ def run(decoder, side: DecoderSide, x_t: torch.Tensor, tokens: torch.Tensor) -> 
             k_img = to_image._split(image.project(ck, to_image.k_proj.weight.t()) + pk)
             v_img = to_image._split(image.project(cv, to_image.v_proj.weight.t()) + bv)
             q_img = to_token._split(image.project(cq, to_token.q_proj.weight.t()) + pq)
-        queries = layer.norm2(queries + to_image(queries + tokens, Heads(k_img), Heads(v_img)))
-        queries = layer.norm3(queries + layer.mlp(queries))
+        queries = layer.tokens_from_image(queries, tokens, Heads(k_img), Heads(v_img))
         image = image.plus(*_image_update(to_token, q_img, queries + tokens, queries))
         image = image.layer_norm(layer.norm4, x_t, window.stats[index], g[index])
     last = transformer.final_attn_token_to_image

@@ -77,19 +77,27 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(self, queries, keys, query_pe, key_pe):
+        queries = self.token_self_attention(queries, query_pe)
+        with_pe = keys + key_pe
+        queries = self.tokens_from_image(queries, query_pe, with_pe, keys)
+        q = queries + query_pe
+        keys = self.norm4(keys + self.cross_attn_image_to_token(with_pe, q, queries))
+        return queries, keys
+
+    def token_self_attention(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
         if self.skip_first_layer_pe:
             # The first layer replaces the tokens by their self-attention: no positional term, no residual.
             queries = self.self_attn(queries, queries, queries)
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
-        with_pe = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, with_pe, keys))
-        queries = self.norm3(queries + self.mlp(queries))
-        q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(with_pe, q, queries))
-        return queries, keys
+        return self.norm1(queries)
+
+    def tokens_from_image(self, queries: torch.Tensor, query_pe: torch.Tensor, image_k: torch.Tensor | Heads,
+                          image_v: torch.Tensor | Heads) -> torch.Tensor:
+        """token->image attention on the image keys (with PE) and values, then the MLP, each with its norm."""
+        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, image_k, image_v))
+        return self.norm3(queries + self.mlp(queries))
 
 
 class TwoWayTransformer(nn.Module):
