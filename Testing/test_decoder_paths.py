@@ -100,3 +100,23 @@ def test_factored_decoder_batches_prompt_sets_on_one_cached_image():
                                 for i in range(2)])
     assert factored.shape == one_by_one.shape == (2, 1, *(4 * g for g in model.config.embedding_grid))
     assert (factored - one_by_one).abs().max() <= 1e-5 * one_by_one.abs().max() + 1e-5
+
+
+def test_factored_decoder_keeps_its_precision_for_tokens_with_a_large_mean():
+    """Tokens whose channel mean is 1000x their spread: the factored terms would cancel without centring."""
+    model = _model()
+    embedding = torch.randn(1, model.config.hidden_size, *model.config.embedding_grid) + 1000.0
+    boxes = torch.tensor([[1.0, 2, 3, 10, 20, 25]])
+    with torch.no_grad():
+        plain = model.decode(embedding, boxes)
+        factored = model.decode(embedding, boxes, None, None, _side(model, embedding))
+    # plain float32 rounding is ~1e-5 of the logits here; without the centring the factored path is ~5e-4
+    assert (factored - plain).abs().max() <= 5e-5 * plain.abs().max()
+
+
+def test_factored_decoder_refuses_a_batch_of_embeddings():
+    model = _model()
+    embedding = torch.randn(2, model.config.hidden_size, *model.config.embedding_grid)
+    with torch.no_grad(), pytest.raises(ValueError, match="one embedding"):
+        model.decode(embedding, torch.tensor([[1.0, 2, 3, 10, 20, 25]] * 2), None, None,
+                     _side(model, embedding[:1]))

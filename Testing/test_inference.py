@@ -183,6 +183,35 @@ def test_new_weights_in_the_same_model_never_reuse_cached_results():
     assert not np.array_equal(before.logits, after.logits)
 
 
+def test_a_cache_too_small_for_the_decoder_side_falls_back_to_the_plain_decoder(model):
+    from segvolgru.cache import value_nbytes
+    from segvolgru.engine import Engine
+
+    embedding = torch.randn(1, model.config.hidden_size, *model.config.embedding_grid)
+    with torch.inference_mode():
+        side_bytes = value_nbytes(model.decoder_image_side(embedding))
+    small, large = Engine(model, EmbeddingCache(max_bytes=side_bytes - 1)), Engine(model, EmbeddingCache())
+    for n, box in enumerate([(1, 2, 3, 10, 20, 25), (0, 0, 0, 5, 5, 5)]):
+        narrow = small.decode(embedding, ("window", n), box, None, None, None, None)
+        wide = large.decode(embedding, ("window", n), box, None, None, None, None)
+        assert torch.allclose(narrow, wide, rtol=1e-4, atol=1e-5)
+    assert not [k for k in small.cache._items if k[0] == "decoder_image"]
+    assert len([k for k in large.cache._items if k[0] == "decoder_image"]) == 2
+
+
+def test_a_submodule_set_to_none_does_not_break_the_model_tag():
+    model = tiny_model()
+    model.correction = None
+    from segvolgru.engine import Engine
+
+    segment(model, ct_like(), box=BOX, cache=EmbeddingCache())  # every engine step computes the tag
+
+    tag = Engine(model, EmbeddingCache())._model_tag()
+    with torch.no_grad():
+        model.mask_decoder.iou_token.weight.add_(1.0)
+    assert Engine(model, EmbeddingCache())._model_tag() != tag
+
+
 def test_public_preprocess_is_the_function_even_after_segment_ran(model):
     import segvolgru
 

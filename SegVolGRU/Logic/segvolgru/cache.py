@@ -33,13 +33,13 @@ def content_key(volume: np.ndarray) -> str:
     return hashlib.blake2b(head + b"".join(digests), digest_size=20).hexdigest()
 
 
-def _nbytes(value: object) -> int:
+def value_nbytes(value: object) -> int:
     if isinstance(value, torch.Tensor):
         return value.element_size() * value.nelement()
     if isinstance(value, np.ndarray):
         return value.nbytes
     if isinstance(value, (tuple, list)):
-        return sum(_nbytes(v) for v in value)
+        return sum(value_nbytes(v) for v in value)
     return 64
 
 
@@ -68,6 +68,16 @@ class EmbeddingCache:
     def nbytes(self) -> int:
         return self._bytes
 
+    @property
+    def room_for_cheap(self) -> int:
+        """Bytes that cheap entries may hold: the bound less what the other entries hold."""
+        with self._lock:
+            return self.max_bytes - self._bytes + sum(self._items[k][1] for k in self._cheap)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._items
+
     def get(self, key: Hashable) -> object | None:
         with self._lock:
             item = self._items.get(key)
@@ -82,7 +92,7 @@ class EmbeddingCache:
 
     def put(self, key: Hashable, value: object, cheap: bool = False) -> None:
         """Store ``value``; ``cheap``: quick to recompute, so evicted before any other entry."""
-        size = _nbytes(value)
+        size = value_nbytes(value)
         with self._lock:
             self._pop(key)
             if size > self.max_bytes:

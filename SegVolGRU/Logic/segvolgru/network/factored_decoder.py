@@ -53,10 +53,17 @@ def _linear_no_bias(x: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor) -
 
 def gains(transformer) -> list[torch.Tensor]:
     """G before each layer and after the last: the running product of the image-side LayerNorm gains."""
-    out = [torch.ones_like(transformer.layers[0].norm4.weight)]
+    out = [torch.ones_like(transformer.norm_final_attn.weight)]
     for layer in transformer.layers:
         out.append(out[-1] * layer.norm4.weight)
     return out
+
+
+def centred(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Tokens less their mean over channels. The first LayerNorm ignores a constant added to a token, so every
+    product after the first layer's projections may use them; without it, a token mean large against its spread
+    would cancel between the factored terms and cost precision."""
+    return x - x.mean(dim, keepdim=True)
 
 
 def image_side(decoder, x: torch.Tensor, pe: torch.Tensor) -> WindowSide:
@@ -68,6 +75,7 @@ def image_side(decoder, x: torch.Tensor, pe: torch.Tensor) -> WindowSide:
     with_pe = x + pe
     first_heads = (to_image.heads(to_image.k_proj, with_pe), to_image.heads(to_image.v_proj, x),
                    to_token.heads(to_token.q_proj, with_pe))
+    x = centred(x, -1)
     stats = []
     for gain in g[:-1]:
         base = x * gain
@@ -112,23 +120,26 @@ class _Factored:
         return _Factored(self.scale, torch.cat([self.left, left], -1), torch.cat([self.right, right], 1))
 
     def layer_norm(self, norm: torch.nn.LayerNorm, x_t: torch.Tensor, stats, gain: torch.Tensor) -> "_Factored":
-        """LayerNorm over channels, given X channels-first (1, C, N); the result's base is X ⊙ gain ⊙ norm.weight."""
-        mean_base, var_base = stats
-        b, _, r = self.left.shape
-        c = self.right.shape[-1]
-        right_mean = self.right.mean(-1)  # (B, r)
-        centred = self.right - right_mean[..., None]
-        mean = self.scale * mean_base + (self.left @ right_mean[..., None])[..., 0]
-        # centred rows: scale·(base − its mean) + left @ centred; base's mean drops out against centred rows
-        cross = (self.left * ((centred * gain) @ x_t).transpose(1, 2)).sum(-1)
-        quad = ((self.left @ (centred @ centred.transpose(1, 2))) * self.left).sum(-1)
-        var = self.scale.square() * var_base + (2 * self.scale * cross + quad) / c
-        inv = torch.rsqrt(var.clamp_min(0) + norm.eps)
-        ones = torch.ones_like(inv)[..., None]
-        left = torch.cat([self.left * inv[..., None], -(mean * inv)[..., None], ones], -1)
-        weight = norm.weight.expand(b, 1, c)
-        right = torch.cat([self.right * norm.weight, weight, norm.bias.expand(b, 1, c)], 1)
-        return _Factored(self.scale * inv, left, right)
+        """LayerNorm over channels, given X channels-first (1, C, N); the result's base is X ⊙ gain ⊙ norm.weight.
+
+        In float32 even under autocast: the statistics sum squares of unnormalised factors (fp16 could overflow),
+        and they are only (B, N, r) and (B, r, r) products."""
+        with torch.autocast(x_t.device.type, enabled=False):
+            scale, left, right = self.scale.float(), self.left.float(), self.right.float()
+            mean_base, var_base = (t.float() for t in stats)
+            b, _, c = right.shape
+            right_mean = right.mean(-1)  # (B, r)
+            right_centred = right - right_mean[..., None]
+            mean = scale * mean_base + (left @ right_mean[..., None])[..., 0]
+            # centred rows: scale·(base − its mean) + left @ right_centred; the base's mean drops out against them
+            cross = (left * ((right_centred * gain.float()) @ x_t.float()).transpose(1, 2)).sum(-1)
+            quad = ((left @ (right_centred @ right_centred.transpose(1, 2))) * left).sum(-1)
+            var = scale.square() * var_base + (2 * scale * cross + quad) / c
+            inv = torch.rsqrt(var.clamp_min(0) + norm.eps)
+            ones = torch.ones_like(inv)[..., None]
+            new_left = torch.cat([left * inv[..., None], -(mean * inv)[..., None], ones], -1)
+            new_right = torch.cat([right * norm.weight, norm.weight.expand(b, 1, c), norm.bias.expand(b, 1, c)], 1)
+            return _Factored(scale * inv, new_left, new_right)
 
 
 def _image_update(attention: Attention, q_image: torch.Tensor, q_tokens: torch.Tensor, tokens: torch.Tensor):
@@ -148,7 +159,8 @@ def _image_update(attention: Attention, q_image: torch.Tensor, q_tokens: torch.T
 def run(decoder, side: DecoderSide, x_t: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The two-way transformer and the first upscaling product on a cached image.
 
-    ``x_t`` (1, C, N) prompt-free image tokens channels-first (the embedding's own layout), ``tokens`` (B, n, C)
+    ``x_t`` (1, C, N) prompt-free image tokens channels-first (the embedding's own layout) less their channel
+    mean (:func:`centred`, as :func:`image_side` used them), ``tokens`` (B, n, C)
     output + prompt tokens -> (token outputs (B, n, C), the first transposed convolution's output before its bias,
     (B, N, 8 C/4))."""
     transformer = decoder.transformer

@@ -82,7 +82,10 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
         grid = tuple(image_embeddings.shape[2:])
         if image_side is not None:
-            x_t = (image_embeddings[:1] + dense_prompt_embeddings[:1]).flatten(2)
+            if image_embeddings.shape[0] != 1:
+                raise ValueError("the factored decoder (image_side given) takes one embedding (batch 1), got "
+                                 f"{image_embeddings.shape[0]}: decode each embedding with its own image side")
+            x_t = factored_decoder.centred((image_embeddings + dense_prompt_embeddings[:1]).flatten(2), 1)
             hs, first = factored_decoder.run(self, image_side, x_t, tokens)
         else:
             src = image_embeddings.expand(b, -1, -1, -1, -1) + dense_prompt_embeddings
