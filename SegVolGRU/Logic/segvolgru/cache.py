@@ -68,12 +68,6 @@ class EmbeddingCache:
     def nbytes(self) -> int:
         return self._bytes
 
-    @property
-    def room_for_cheap(self) -> int:
-        """Bytes that cheap entries may hold: the bound less what the other entries hold."""
-        with self._lock:
-            return self.max_bytes - self._bytes + sum(self._items[k][1] for k in self._cheap)
-
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._items

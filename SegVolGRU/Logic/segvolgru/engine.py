@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .cache import EmbeddingCache, value_nbytes, content_key, shared_cache
+from .cache import EmbeddingCache, content_key, shared_cache
 from .device import autocast, with_oom_fallback
 from .errors import InputError
 from .network import SegVol
@@ -60,7 +60,6 @@ class Engine:
         self.cache = cache if cache is not None else shared_cache()
         self.precision = precision
         self._prepared: dict[str, PreparedVolume] = {}
-        self._side_bytes: int | None = None  # size of the last factored-decoder window side
 
     @property
     def device(self) -> torch.device:
@@ -185,9 +184,9 @@ class Engine:
         self.cache.put(("decoder", tags[-1]) + key[2:], low_res)
         return low_res
 
-    def _image_side(self, embedding: torch.Tensor, key: tuple) -> DecoderSide | None:
-        """The decoder's prompt-free products of an embedding (37.8 MB per official window) and of the model
-        (9.4 MB), cached as quick to recompute: every later prompt on the window runs the factored decoder."""
+    def _image_side(self, embedding: torch.Tensor, key: tuple) -> DecoderSide:
+        """The decoder's prompt-free products of an embedding (37.8 MB per official window, cached as quick to
+        recompute) and of the model (9.4 MB): every later prompt on the window runs the factored decoder on them."""
         def run(fn):
             def compute():
                 with torch.inference_mode(), autocast(self.device, self.precision):
@@ -195,13 +194,11 @@ class Engine:
             return compute
 
         tag, embedding_key = key
-        window_key = ("decoder_image", tag, embedding_key)
-        size = self._side_bytes
-        if window_key not in self.cache and size is not None and self.cache.room_for_cheap < size:
-            return None  # it would not stay: the plain decoder is then cheaper than computing it on every prompt
-        window = self.cache.get_or_compute(
-            window_key, run(lambda: self.model.decoder_image_side(embedding.to(self.device))), cheap=True)
-        self._side_bytes = value_nbytes(window)
+        # Always the factored path, even when a full cache cannot keep the side: the decoder's rounding must not
+        # depend on the cache's state, or replaying a session could differ from the live one.
+        window = self.cache.get_or_compute(("decoder_image", tag, embedding_key),
+                                           run(lambda: self.model.decoder_image_side(embedding.to(self.device))),
+                                           cheap=True)
         shared = self.cache.get_or_compute(("decoder_shared", tag), run(self.model.decoder_shared_side))
         return DecoderSide(window, shared)  # type: ignore[arg-type]
 
