@@ -10,7 +10,7 @@ with X the prompt-free image tokens (embedding + no-mask embedding), G the produ
 and L (N x r), R (r x C) small factors (r ~ heads x tokens). Every product of T with a weight matrix W then costs
 N·r instead of N·C per output channel once (X ⊙ G) @ W is known, and the LayerNorm statistics of T follow from
 X's own statistics and X @ Rᵀ. :func:`image_side` computes those prompt-free products once per embedding; a new
-prompt on a cached window then costs about a third of the plain decoder on the CPU. The result is the same
+prompt on a cached window then costs about half the plain decoder's time on the CPU. The result is the same
 function as the module chain up to float rounding (test).
 """
 from __future__ import annotations

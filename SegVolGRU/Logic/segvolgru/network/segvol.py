@@ -69,7 +69,7 @@ class SegVol(nn.Module):
         ``boxes`` (B, 6) or (B, 1, 6) as (d0, h0, w0, d1, h1, w1) inclusive; ``points`` = (coords (B, N, 3) in
         (d, h, w), labels (B, N): 1 positive, 0 negative, −1 ignore); ``text_embedding`` (B, C);
         ``image_side``: ``DecoderSide(decoder_image_side(embedding), decoder_shared_side())``, when a caller keeps
-        them across prompts (the factored decoder: same logits up to rounding, about 3x fewer operations).
+        them across prompts (the factored decoder: same logits up to rounding, less than half the operations).
         """
         if boxes is not None and boxes.dim() == 2:
             boxes = boxes[:, None, :]
