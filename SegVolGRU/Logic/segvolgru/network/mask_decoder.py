@@ -20,6 +20,9 @@ from . import factored_decoder
 from .transformer import TwoWayTransformer
 
 
+_TAIL_ROWS = 2048
+
+
 class MLP(nn.Module):
     """Linear layers with ReLU between them (keys ``layers.N``)."""
 
@@ -118,8 +121,19 @@ class MaskDecoder(nn.Module):
         y = (first + b1).view(b, -1)
         y = F.gelu(F.layer_norm(y, (y.shape[1],), norm_weight, norm_bias, norm.eps))
         # rows: (voxel, first block position); columns: (second block position, channel)
-        z = F.gelu(torch.addmm(b2, y.view(-1, c1), w2)).view(b, n * 64, -1)
-        masks = (z @ vector[:, :, None]).view(b, *grid, 2, 2, 2, 2, 2, 2)
+        rows = y.view(b, n * 8, c1)
+        if torch.is_grad_enabled():
+            z = F.gelu(torch.addmm(b2, rows.reshape(-1, c1), w2)).view(b, n * 64, -1)
+            masks = z @ vector[:, :, None]
+        else:
+            # in row blocks that stay in cache: the (rows, 8 x C/8) product is 50 MB for an official window
+            masks = rows.new_empty(b, n * 8, 8)
+            for i in range(b):
+                for start in range(0, n * 8, _TAIL_ROWS):
+                    z = F.gelu(torch.addmm(b2, rows[i, start:start + _TAIL_ROWS], w2))
+                    torch.mm(z.view(-1, vector.shape[1]), vector[i, :, None],
+                             out=masks[i, start:start + _TAIL_ROWS].view(-1, 1))
+        masks = masks.view(b, *grid, 2, 2, 2, 2, 2, 2)
         # voxel (d, h, w), blocks (a1, b1, e1) and (a2, b2, e2) -> (4d + 2 a1 + a2, 4h + 2 b1 + b2, 4w + 2 e1 + e2)
         masks = masks.permute(0, 1, 4, 7, 2, 5, 8, 3, 6, 9)
         return masks.reshape(b, 4 * grid[0], 4 * grid[1], 4 * grid[2])
