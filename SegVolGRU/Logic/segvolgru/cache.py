@@ -68,10 +68,6 @@ class EmbeddingCache:
     def nbytes(self) -> int:
         return self._bytes
 
-    def __contains__(self, key: Hashable) -> bool:
-        with self._lock:
-            return key in self._items
-
     def get(self, key: Hashable) -> object | None:
         with self._lock:
             item = self._items.get(key)

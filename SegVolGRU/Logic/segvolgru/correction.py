@@ -103,20 +103,27 @@ def uncertain_points(prob: np.ndarray, k: int, tau: float) -> tuple[np.ndarray, 
     return np.stack(np.unravel_index(candidates, prob.shape), axis=1), flat[candidates]
 
 
+def ball_box(centre, radius: float, shape) -> tuple[slice, slice, slice] | None:
+    """The part of an array of ``shape`` that holds every voxel within Euclidean ``radius`` of ``centre`` (voxel
+    coordinates, may be fractional or outside), or None when the ball misses the array."""
+    box = tuple(slice(max(0, math.floor(float(c) - radius)), min(int(n), math.ceil(float(c) + radius) + 1))
+                for c, n in zip(centre, shape))
+    return box if all(s.start < s.stop for s in box) else None
+
+
 def error_points(pred: np.ndarray, clicks: np.ndarray, labels: np.ndarray, k: int,
                  radius: float) -> tuple[np.ndarray, np.ndarray]:
     """Voxels within ``radius`` of a click whose prediction disagrees with that click's label, nearest first:
     coords (n, 3), the disagreeing click's label (n,)."""
     found_c, found_l, found_d = [], [], []
-    r = int(math.ceil(radius))
-    shape = np.asarray(pred.shape)
     for click, label in zip(clicks, labels):
-        lo = np.maximum(click - r, 0)
-        hi = np.minimum(click + r + 1, shape)
-        box = pred[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        grid = np.indices(box.shape).reshape(3, -1).T + lo
+        box = ball_box(click, radius, pred.shape)
+        if box is None:
+            continue
+        part = pred[box]
+        grid = np.indices(part.shape).reshape(3, -1).T + np.array([s.start for s in box])
         dist = np.sqrt(((grid - click) ** 2).sum(axis=1))
-        wrong = (dist <= radius) & (box.reshape(-1) != bool(label))
+        wrong = (dist <= radius) & (part.reshape(-1) != bool(label))
         found_c.append(grid[wrong])
         found_l.append(np.full(int(wrong.sum()), float(label), np.float32))
         found_d.append(dist[wrong])
@@ -229,18 +236,14 @@ def apply_deltas(logits: torch.Tensor, rows: CorrectionRows, delta: torch.Tensor
     out = out.index_put((far_coords[:, 0], far_coords[:, 1], far_coords[:, 2]), far_d, accumulate=True)
     if not bool(near.any()):
         return out
-    r = int(math.ceil(config.error_radius))
-    shape = torch.tensor(logits.shape, device=logits.device)
-    lo = torch.clamp(c - r, min=0)
-    hi = torch.minimum(c + r + 1, shape)
-    local = coords[near] - lo
-    size = tuple((hi - lo).tolist())
+    sl = ball_box(click, config.error_radius, logits.shape)  # not None: a row lies in the ball
+    local = coords[near] - torch.tensor([s.start for s in sl], device=logits.device)
+    size = tuple(s.stop - s.start for s in sl)
     values = torch.zeros(size, device=logits.device, dtype=logits.dtype)
     weights = torch.zeros(size, device=logits.device, dtype=logits.dtype)
     values = values.index_put((local[:, 0], local[:, 1], local[:, 2]), d[near], accumulate=True)
     weights = weights.index_put((local[:, 0], local[:, 1], local[:, 2]), torch.ones_like(d[near]), accumulate=True)
     field = _separable_blur(values, config.spread_sigma) / _separable_blur(weights, config.spread_sigma).clamp(min=1e-3)
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo.tolist(), hi.tolist()))
     inside = _ball(sl, click, config.error_radius, logits.device).to(logits.dtype)
     if config.spread_intensity_sigma is not None and image is not None:
         local_image = image[sl].to(logits.dtype)
@@ -264,12 +267,10 @@ def fuse(previous: torch.Tensor, new: torch.Tensor, origin: tuple[int, int, int]
     else:
         fused = torch.where(unsure, previous, new)
     # within the radius the new values stand: only the ball's bounding box needs the distances
-    radius = config.fusion_radius
-    lo = [max(0, int(math.floor(c - o - radius))) for c, o in zip(click, origin)]
-    hi = [min(n, int(math.ceil(c - o + radius)) + 1) for n, c, o in zip(new.shape, click, origin)]
-    if all(a < b for a, b in zip(lo, hi)):
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
-        near = _ball(box, np.asarray(click, np.float64) - np.asarray(origin), radius, new.device)
+    centre = np.asarray(click, np.float64) - np.asarray(origin)
+    box = ball_box(centre, config.fusion_radius, new.shape)
+    if box is not None:
+        near = _ball(box, centre, config.fusion_radius, new.device)
         fused[box] = torch.where(near, new[box], fused[box])
     if config.polarity_fusion and positive is not None:
         # "add here" never removes, "remove here" never adds: what the user accepted elsewhere stays

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .cache import EmbeddingCache, content_key
-from .correction import CorrectionConfig, apply_deltas, build_rows, fuse
+from .correction import CorrectionConfig, apply_deltas, ball_box, build_rows, fuse
 from .engine import Engine, PreparedVolume, Roi
 from .errors import InputError
 from .inference import SegmentResult, engine_for, official_roi, prompts_in_crop, roi_slices
@@ -422,8 +422,8 @@ class InteractiveSession:
         changed = ball = None
         if not self.correction_active:
             changed = region.grid.windows_containing(tuple(int(v) for v in local_click))
-            radius = int(np.ceil(config.fusion_radius))
-            ball = (local_click - radius, local_click + radius + 1)
+            box = ball_box(local_click, config.fusion_radius, region.grid.crop_shape)  # the click is inside
+            ball = (np.array([b.start for b in box]), np.array([b.stop for b in box]))
         part, new = self._decode_region(region, crop_box, crop_pts, labels, changed, ball)
         part_sl = tuple(slice(r.start + p.start, r.start + p.stop) for r, p in zip(sl, part))
         if not self.correction_active:

@@ -69,14 +69,15 @@ class MaskDecoder(nn.Module):
         self,
         image_embeddings: torch.Tensor,
         text_embedding: torch.Tensor | None,
-        image_pe: torch.Tensor,
+        image_pe: torch.Tensor | None,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         image_side: factored_decoder.DecoderSide | None = None,
     ) -> torch.Tensor:
         """(B, C, g0, g1, g2) embedding + prompts -> mask-0 logits (B, 1, 4g0, 4g1, 4g2).
 
-        ``image_embeddings`` may have batch 1 and be shared by B prompt sets. ``image_side``: the
+        ``image_embeddings`` may have batch 1 and be shared by B prompt sets; ``image_pe`` is only read without
+        ``image_side``. ``image_side``: the
         :func:`~factored_decoder.image_side` of this embedding (plus the no-mask dense embedding, which it then
         must be) and the model's :func:`~factored_decoder.shared_side`, to decode in factored form.
         """

@@ -74,8 +74,9 @@ class SegVol(nn.Module):
         if boxes is not None and boxes.dim() == 2:
             boxes = boxes[:, None, :]
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, text_embedding=text_embedding)
-        return self.mask_decoder(
-            image_embedding, text_embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, image_side)
+        # the factored decoder has the positional encoding's products in its shared side already
+        pe = self.prompt_encoder.get_dense_pe() if image_side is None else None
+        return self.mask_decoder(image_embedding, text_embedding, pe, sparse, dense, image_side)
 
     def _dense_pe_tokens(self) -> torch.Tensor:
         return self.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2).contiguous()
