@@ -176,15 +176,15 @@ def run(decoder, side: DecoderSide, x_t: torch.Tensor, tokens: torch.Tensor) -> 
             k_img, v_img, q_img = window.first
         else:
             (ck, cv, cq), (pk, bv, pq) = window.layers[index - 1], shared.layers[index - 1]
-            k_img = to_image._split(image.project(ck, to_image.k_proj.weight.t()) + pk)
-            v_img = to_image._split(image.project(cv, to_image.v_proj.weight.t()) + bv)
-            q_img = to_token._split(image.project(cq, to_token.q_proj.weight.t()) + pq)
+            k_img = to_image.split_heads(image.project(ck, to_image.k_proj.weight.t()) + pk)
+            v_img = to_image.split_heads(image.project(cv, to_image.v_proj.weight.t()) + bv)
+            q_img = to_token.split_heads(image.project(cq, to_token.q_proj.weight.t()) + pq)
         queries = layer.tokens_from_image(queries, tokens, Heads(k_img), Heads(v_img))
         image = image.plus(*_image_update(to_token, q_img, queries + tokens, queries))
         image = image.layer_norm(layer.norm4, x_t, window.stats[index], g[index])
     last = transformer.final_attn_token_to_image
     (ck, cv), (pk, bv) = window.final, shared.final
-    k_img = last._split(image.project(ck, last.k_proj.weight.t()) + pk)
-    v_img = last._split(image.project(cv, last.v_proj.weight.t()) + bv)
+    k_img = last.split_heads(image.project(ck, last.k_proj.weight.t()) + pk)
+    v_img = last.split_heads(image.project(cv, last.v_proj.weight.t()) + bv)
     queries = transformer.norm_final_attn(queries + last(queries + tokens, Heads(k_img), Heads(v_img)))
     return queries, image.project(window.upscaling, decoder.upscaling_weights()[0])

@@ -35,12 +35,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, internal)
         self.out_proj = nn.Linear(internal, dim)
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def heads(self, projection: nn.Linear, x: torch.Tensor | Heads) -> torch.Tensor:
-        return x.value if isinstance(x, Heads) else self._split(projection(x))
+        return x.value if isinstance(x, Heads) else self.split_heads(projection(x))
 
     def forward(self, q: torch.Tensor | Heads, k: torch.Tensor | Heads, v: torch.Tensor | Heads) -> torch.Tensor:
         q, k, v = self.heads(self.q_proj, q), self.heads(self.k_proj, k), self.heads(self.v_proj, v)
