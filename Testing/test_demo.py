@@ -9,14 +9,16 @@ import pytest
 pytest.importorskip("slicer", reason="the demo runs on real MRML from the slicer-core wheel")
 
 
-def test_demo_writes_a_segmentation_that_reopens_with_the_reported_dice(tmp_path):
+def test_demo_writes_a_segmentation_that_reopens_with_the_reported_dice(tmp_path, monkeypatch):
     from segvolgru.demo import run_demo, sample_case
     from segvolgru.metrics import dice
     from segvolgru.slicer_bridge import HeadlessSlicer, load_seg_nrrd, load_volume, read_segment_mask
 
-    summary = run_demo(tmp_path, quiet=True)
-    for name in ("SampleCT.seg.nrrd", "SampleCT.nrrd", "montage.png", "dice.png", "summary.json"):
+    monkeypatch.chdir(tmp_path.parent)
+    summary = run_demo(tmp_path.name, quiet=True)  # a relative folder, as scripts/demo.sh passes it
+    for name in ("SampleCT.seg.nrrd", "SampleCT.nrrd", "SampleCT.mrb", "montage.png", "dice.png", "summary.json"):
         assert (tmp_path / name).stat().st_size > 0
+    assert summary["scene_file"] == "SampleCT.mrb" and not list(tmp_path.glob("_tmp*"))
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == summary["steps"]
     assert "DEMO" in summary["weights"] and summary["steps"][0]["step"] == "box"
     assert 2 <= len(summary["steps"]) <= 6

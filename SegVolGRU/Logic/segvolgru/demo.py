@@ -72,7 +72,7 @@ def run_demo(out_dir: str | Path, weights: str | None = None, clicks: int = 5, q
     from .slicer_bridge import (HeadlessSlicer, SegmentationWorkflow, create_segment_editor, kji_to_world,
                                 new_volume_node, read_segment_mask, save_seg_nrrd)
 
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # MRML writes an .mrb only to a full path
     out.mkdir(parents=True, exist_ok=True)
     loaded = pick_model(weights)
     volume, labels, spacing, target = sample_case()
