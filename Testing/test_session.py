@@ -10,7 +10,8 @@ import torch
 from engine_support import ct_like, tiny_model
 from segvolgru import InteractiveSession, segment
 from segvolgru.cache import EmbeddingCache
-from segvolgru.correction import CorrectionConfig, apply_deltas, build_rows, error_points, fuse, uncertain_points
+from segvolgru.correction import (CorrectionConfig, apply_deltas, build_rows, click_depth, error_points, fuse,
+                                  uncertain_points)
 from segvolgru.errors import InputError
 from segvolgru.inference import prompts_in_crop
 
@@ -233,15 +234,24 @@ def test_padding_rows_are_never_written_and_sparse_writes_only_at_rows():
     assert {tuple(c) for c in written} <= valid_coords and len(written) > 0
 
 
+def test_uncertain_points_break_ties_in_raster_order():
+    prob = np.full((6, 7, 8), 0.3, np.float32)
+    prob[5, 6, 7] = 0.5
+    coords, values = uncertain_points(prob, 4, 0.1)
+    assert coords.tolist() == [[5, 6, 7], [0, 0, 0], [0, 0, 1], [0, 0, 2]]
+    assert values.tolist() == pytest.approx([0.5, 0.3, 0.3, 0.3])
+
+
 def test_spread_write_back_moves_the_mask_around_the_click():
-    logits = torch.full((30, 30, 30), -1.0)
+    # confident background: no uncertain rows, only the error rows around the click
+    logits = torch.full((30, 30, 30), -4.0)
     prob = torch.sigmoid(logits).numpy()
     config = CorrectionConfig(k=20, error_radius=6, spread_sigma=2)
     rows = build_rows(prob, np.array([[15, 15, 15]]), np.array([1]), config)
-    out = apply_deltas(logits, rows, torch.full((40,), 3.0) * rows.valid, np.array([15, 15, 15]), config)
+    out = apply_deltas(logits, rows, torch.full((40,), 6.0) * rows.valid, np.array([15, 15, 15]), config)
     changed = (out > 0).sum().item()
     assert changed > 40  # far more voxels than the 20 written rows
-    assert (out[:, :, :5] == -1.0).all()  # nothing beyond the error radius
+    assert (out[:, :, :5] == -4.0).all()  # nothing beyond the error radius
 
 
 def test_fusion_keeps_previous_values_beyond_radius_unless_confident():
@@ -320,14 +330,81 @@ def test_a_click_re_stitches_only_its_windows_and_equals_a_full_stitch(model):
 
 
 def test_polarity_fusion_never_lowers_after_a_positive_click_nor_raises_after_a_negative_one():
-    config = CorrectionConfig(fusion_radius=3, polarity_fusion=True)
+    config = CorrectionConfig(fusion_radius=3, polarity_fusion=True, negative_reach=None)
     rng = np.random.default_rng(8)
     prev, new = (torch.from_numpy(rng.normal(0, 4, (6, 8, 10)).astype(np.float32)) for _ in range(2))
-    plain = fuse(prev, new, (0, 0, 0), np.array([3, 4, 5]), CorrectionConfig(fusion_radius=3))
+    plain = fuse(prev, new, (0, 0, 0), np.array([3, 4, 5]), CorrectionConfig(fusion_radius=3, negative_reach=None))
     up = fuse(prev, new, (0, 0, 0), np.array([3, 4, 5]), config, positive=True)
     down = fuse(prev, new, (0, 0, 0), np.array([3, 4, 5]), config, positive=False)
     assert torch.equal(up, torch.maximum(prev, plain)) and torch.equal(down, torch.minimum(prev, plain))
     assert torch.equal(fuse(prev, new, (0, 0, 0), np.array([3, 4, 5]), config), plain)  # polarity unknown
+
+
+def _rim(click_i: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Previous logits: a mask filling i < 20 of a 21x21x40 region; new logits: background everywhere, as a
+    decoder that drops the whole structure after a negative click at (10, 10, click_i)."""
+    prev = torch.full((21, 21, 40), -3.0)
+    prev[:, :, :20] = 3.0
+    return prev, torch.full_like(prev, -3.0), np.array([10, 10, click_i])
+
+
+def _distance_to(click: np.ndarray, shape) -> torch.Tensor:
+    grid = np.indices(shape).reshape(3, -1).T
+    return torch.from_numpy(np.sqrt(((grid - click) ** 2).sum(1)).reshape(shape))
+
+
+def test_a_negative_click_on_a_thin_rim_removes_only_a_ball_as_deep_as_the_click():
+    prev, new, click = _rim(17)  # 3 voxels from the mask's edge at i = 20
+    assert click_depth(prev, click.astype(float), 20.0, positive=False) == 3.0
+    fused = fuse(prev, new, (0, 0, 0), click, CorrectionConfig(fusion_radius=20, negative_reach=1.5), False)
+    near = _distance_to(click, prev.shape) <= 4.5
+    assert (fused[near] == -3.0).all()
+    assert torch.equal(fused[~near], prev[~near])  # the structure behind the rim stays
+    # the fixed radius (and the confident new values beyond it) would have removed the whole structure
+    fixed = fuse(prev, new, (0, 0, 0), click, CorrectionConfig(fusion_radius=20, negative_reach=None), False)
+    assert not (fixed > 0).any()
+
+
+def test_a_negative_click_deep_inside_a_false_blob_reaches_across_it_up_to_the_fusion_radius():
+    prev, new, click = _rim(2)
+    prev[:, :, :] = 3.0  # no edge within the fusion radius
+    fused = fuse(prev, new, (0, 0, 0), click, CorrectionConfig(fusion_radius=6, negative_reach=1.5), False)
+    near = _distance_to(click, prev.shape) <= 6
+    assert (fused[near] == -3.0).all() and torch.equal(fused[~near], prev[~near])
+
+
+def test_a_positive_reach_measures_the_depth_outside_the_mask():
+    prev, _, click = _rim(26)  # 7 voxels from the nearest mask voxel at i = 19
+    new = torch.full_like(prev, 3.0)
+    assert click_depth(prev, click.astype(float), 20.0, positive=True) == 7.0
+    fused = fuse(prev, new, (0, 0, 0), click, CorrectionConfig(fusion_radius=20, positive_reach=1.0), True)
+    near = _distance_to(click, prev.shape) <= 7
+    assert (fused[near] == 3.0).all() and torch.equal(fused[~near], prev[~near])
+    assert click_depth(torch.full((5, 5, 5), -1.0), np.array([2.0, 2, 2]), 3.0, positive=True) == 3.0
+
+
+@pytest.mark.parametrize("gru", [True, False])
+def test_a_negative_click_in_a_session_changes_only_the_ball_its_depth_allows(model, volume, gru):
+    from scipy import ndimage
+
+    s = _session(model, volume, gru=gru)
+    before = s.set_box(BOX).mask.astype(bool)
+    depth = ndimage.distance_transform_edt(before)  # distance to the nearest voxel outside the mask
+    inner = depth * (depth < 0.5 * s.correction_config.fusion_radius)
+    click = np.unravel_index(int(np.argmax(inner)), before.shape)
+    assert before[click] and 1 < depth[click]
+    after = s.add_click(tuple(int(c) for c in click), False).mask.astype(bool)
+    changed = np.argwhere(before != after)
+    reach = s.correction_config.negative_reach * depth[click]
+    assert len(changed) > 0 and not (after & ~before).any()
+    assert np.sqrt(((changed - np.array(click)) ** 2).sum(1)).max() <= reach
+
+
+def test_reach_must_be_positive():
+    with pytest.raises(ValueError, match="negative_reach"):
+        CorrectionConfig(negative_reach=0)
+    with pytest.raises(ValueError, match="positive_reach"):
+        CorrectionConfig(positive_reach=-1.0)
 
 
 def test_intensity_aware_spread_stays_in_the_clicked_structure():

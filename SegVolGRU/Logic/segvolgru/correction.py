@@ -45,6 +45,14 @@ class CorrectionConfig:
     polarity_fusion: bool = True
     # with the fusion: beyond the radius a confident new value only replaces an unsure previous one
     fusion_keep_accepted: bool = False
+    # The reach of a click's fusion ball. None: the fusion radius. A number r: r times the click's depth on its side
+    # of the previous mask (its distance to the nearest voxel across the mask's edge), at most the fusion radius,
+    # and nothing changes beyond the ball. A negative click on a thin over-segmented rim then removes the rim there,
+    # not the structure behind it, and one deep inside a false blob still reaches across the blob. Negative clicks
+    # had lowered Dice in 39 % of cases with the fixed radius; 1.5 was chosen on validation phantoms (seeds
+    # 500000+). Positive clicks help with the fixed radius and keep it by default.
+    negative_reach: float | None = 1.5
+    positive_reach: float | None = None
 
     def __post_init__(self) -> None:
         if self.write_back not in WRITE_BACK_MODES:
@@ -53,6 +61,9 @@ class CorrectionConfig:
             raise ValueError(f"tau must be in (0, 0.5), got {self.tau}")
         if self.k < 1:
             raise ValueError("k must be at least 1")
+        for name in ("negative_reach", "positive_reach"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
         if self.spread_intensity_sigma is not None and not self.spread_intensity_sigma > 0:
             raise ValueError(f"spread_intensity_sigma must be positive or None, got {self.spread_intensity_sigma}")
         object.__setattr__(self, "fusion_band", tuple(float(b) for b in self.fusion_band))
@@ -96,8 +107,11 @@ def uncertain_points(prob: np.ndarray, k: int, tau: float) -> tuple[np.ndarray, 
     candidates = np.flatnonzero((flat > tau) & (flat < 1 - tau))
     if len(candidates) > k:
         score = np.abs(flat[candidates] - 0.5)
-        keep = np.argpartition(score, k - 1)[:k]
-        candidates = candidates[keep]
+        # argpartition picks arbitrary members of a tie at the k-th score (numpy versions differ): take every
+        # candidate below it and the tied ones in raster order, so the rows are the same everywhere
+        kth = score[np.argpartition(score, k - 1)[k - 1]]
+        below = candidates[score < kth]
+        candidates = np.concatenate([below, candidates[score == kth][:k - len(below)]])
     score = np.abs(flat[candidates] - 0.5)
     candidates = candidates[np.lexsort((candidates, score))]
     return np.stack(np.unravel_index(candidates, prob.shape), axis=1), flat[candidates]
@@ -253,24 +267,55 @@ def apply_deltas(logits: torch.Tensor, rows: CorrectionRows, delta: torch.Tensor
     return out
 
 
+def click_depth(logits: torch.Tensor, centre, limit: float, positive: bool) -> float:
+    """Euclidean distance (voxels) from ``centre`` to the nearest voxel across the mask's edge (logit > 0 for a
+    positive click, which lies outside the mask; logit <= 0 for a negative one), or ``limit`` when there is none
+    within ``limit``."""
+    box = ball_box(centre, limit, logits.shape)
+    if box is None:
+        return float(limit)
+    axes = [torch.arange(s.start, s.stop, dtype=torch.float32) - float(c) for s, c in zip(box, centre)]
+    squared = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
+    part = logits[box].cpu()
+    across = squared[part > 0 if positive else part <= 0]
+    return min(float(limit), math.sqrt(float(across.min()))) if across.numel() else float(limit)
+
+
+def click_radius(previous: torch.Tensor, centre, config: CorrectionConfig, positive: bool | None) -> float:
+    """Radius of the fusion ball of a click at ``centre`` (voxels of ``previous``, the logits before the click)."""
+    reach = {True: config.positive_reach, False: config.negative_reach, None: None}[positive]
+    if reach is None:
+        return float(config.fusion_radius)
+    depth = click_depth(previous, np.asarray(centre, np.float64), config.fusion_radius, bool(positive))
+    return min(float(config.fusion_radius), max(1.0, reach * depth))
+
+
 def fuse(previous: torch.Tensor, new: torch.Tensor, origin: tuple[int, int, int], click: np.ndarray,
-         config: CorrectionConfig, positive: bool | None = None) -> torch.Tensor:
+         config: CorrectionConfig, positive: bool | None = None, radius: float | None = None) -> torch.Tensor:
     """Multi-round fusion of logits of a region whose first voxel is ``origin`` in the click's coordinates:
-    beyond ``fusion_radius`` (Euclidean voxels) from the newest click a voxel keeps its previous value unless the
-    new probability is confident (outside the fusion band)."""
-    lo_p, hi_p = config.fusion_band
-    lo_logit, hi_logit = math.log(lo_p / (1 - lo_p)), math.log(hi_p / (1 - hi_p))
-    unsure = (new >= lo_logit) & (new <= hi_logit)
-    if config.fusion_keep_accepted:
-        # what the user already accepted (a confident previous value) stays beyond the radius
-        fused = torch.where(~unsure & (previous >= lo_logit) & (previous <= hi_logit), new, previous)
-    else:
-        fused = torch.where(unsure, previous, new)
-    # within the radius the new values stand: only the ball's bounding box needs the distances
+    within a ball around the newest click the new values stand. The ball has ``fusion_radius`` (Euclidean voxels),
+    and beyond it a voxel keeps its previous value unless the new probability is confident (outside the fusion
+    band); with a reach for the click's polarity the ball follows the click's depth and nothing changes beyond
+    it. ``radius``: the ball's radius when the caller measured it before earlier writes of the same click
+    (`click_radius`); by default it is measured on ``previous``."""
     centre = np.asarray(click, np.float64) - np.asarray(origin)
-    box = ball_box(centre, config.fusion_radius, new.shape)
+    if radius is None:
+        radius = click_radius(previous, centre, config, positive)
+    if {True: config.positive_reach, False: config.negative_reach, None: None}[positive] is not None:
+        fused = previous.clone()
+    else:
+        lo_p, hi_p = config.fusion_band
+        lo_logit, hi_logit = math.log(lo_p / (1 - lo_p)), math.log(hi_p / (1 - hi_p))
+        unsure = (new >= lo_logit) & (new <= hi_logit)
+        if config.fusion_keep_accepted:
+            # what the user already accepted (a confident previous value) stays beyond the radius
+            fused = torch.where(~unsure & (previous >= lo_logit) & (previous <= hi_logit), new, previous)
+        else:
+            fused = torch.where(unsure, previous, new)
+    # within the radius the new values stand: only the ball's bounding box needs the distances
+    box = ball_box(centre, radius, new.shape)
     if box is not None:
-        near = _ball(box, centre, config.fusion_radius, new.device)
+        near = _ball(box, centre, radius, new.device)
         fused[box] = torch.where(near, new[box], fused[box])
     if config.polarity_fusion and positive is not None:
         # "add here" never removes, "remove here" never adds: what the user accepted elsewhere stays

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .cache import EmbeddingCache, content_key
-from .correction import CorrectionConfig, apply_deltas, ball_box, build_rows, fuse
+from .correction import CorrectionConfig, apply_deltas, ball_box, build_rows, click_radius, fuse
 from .engine import Engine, PreparedVolume, Roi
 from .errors import InputError
 from .inference import SegmentResult, engine_for, official_roi, prompts_in_crop, roi_slices
@@ -93,7 +93,8 @@ class InteractiveSession:
     ``text`` (None), ``require_box`` (False: a session may start from clicks alone, as the challenge allows),
     ``fusion`` (True, with or without the GRU), and the correction switches of :class:`CorrectionConfig`
     (``write_back``, ``k``, ``tau``, ``error_radius``, ``fusion_radius``, ``fusion_band``, ``spread_sigma``,
-    ``spread_intensity_sigma``, ``polarity_fusion``, ``fusion_keep_accepted``)
+    ``spread_intensity_sigma``, ``polarity_fusion``, ``fusion_keep_accepted``, ``negative_reach``,
+    ``positive_reach``)
     overriding the model's.
     """
 
@@ -401,6 +402,9 @@ class InteractiveSession:
         region = next((r for r in reversed(self._state.regions)
                        if all(r.box[a] <= click[a] <= r.box[a + 3] for a in range(3))), None)
         config = self.correction_config
+        # the ball the click may change is measured once, on the mask before the click: a first write of the
+        # same click (the zoom-out pass below) must not move it
+        radius = click_radius(self._state.logits, click, config, bool(labels[-1]))
         if region is None:
             zoom = self._zoom_out_logits(crop_box, crop_pts, labels)
             outside = torch.ones(self._prepared.crop_shape, dtype=torch.bool)
@@ -409,7 +413,7 @@ class InteractiveSession:
             whole = tuple(slice(0, n) for n in self._prepared.crop_shape)
             updated = torch.where(outside, zoom, self._state.logits)
             if config.fusion:
-                updated = fuse(self._state.logits, updated, (0, 0, 0), click, config, bool(labels[-1]))
+                updated = fuse(self._state.logits, updated, (0, 0, 0), click, config, bool(labels[-1]), radius)
             self._write(step, whole, updated)
             region = self._new_region(self._window_around(click))
             self._state.regions.append(region)
@@ -434,7 +438,7 @@ class InteractiveSession:
             self._correct(self._state, crop_pts, labels, step, region)
         if config.fusion:
             self._write(step, sl, fuse(previous, self._state.logits[sl], (0, 0, 0), local_click, config,
-                                       bool(labels[-1])))
+                                       bool(labels[-1]), radius))
         step.hidden_after = self._state.hidden
         return step
 
