@@ -149,12 +149,18 @@ def test_gru_off_equals_plain_segvol_and_gru_on_differs(model, volume):
     assert not torch.equal(on._state.logits, off._state.logits)
 
 
-def test_a_click_outside_the_roi_adds_a_window_around_it():
-    background = tiny_model()
-    with torch.no_grad():  # a decoder that predicts background everywhere, so the ROI is the box's alone
+def _background_model(correction: dict | None = None):
+    """A decoder that predicts background everywhere, so that the ROI is the box's alone."""
+    background = tiny_model(correction)
+    with torch.no_grad():
         background.mask_decoder.output_upscaling[3].bias.fill_(3.0)
         background.mask_decoder.output_hypernetworks_mlps[0].layers[2].weight.zero_()
         background.mask_decoder.output_hypernetworks_mlps[0].layers[2].bias.fill_(-5.0)
+    return background
+
+
+def test_a_click_outside_the_roi_adds_a_window_around_it():
+    background = _background_model()
     volume = ct_like(shape=(40, 200, 190))
     s = _session(background, volume, gru=False)
     s.set_box((12, 20, 20, 20, 50, 50))
@@ -398,6 +404,24 @@ def test_a_negative_click_in_a_session_changes_only_the_ball_its_depth_allows(mo
     reach = s.correction_config.negative_reach * depth[click]
     assert len(changed) > 0 and not (after & ~before).any()
     assert np.sqrt(((changed - np.array(click)) ** 2).sum(1)).max() <= reach
+
+
+def test_a_click_outside_every_region_fuses_both_passes_with_the_radius_measured_before_it(monkeypatch):
+    """The zoom-out pass writes first; the window's fusion must not measure the click's depth on that write."""
+    import segvolgru.session as session_module
+    from segvolgru.correction import click_radius
+
+    volume = ct_like(shape=(40, 200, 190))
+    s = _session(_background_model(CORRECTION), volume, positive_reach=1.0)
+    s.set_box((12, 20, 20, 20, 50, 50))
+    far = (30, 190, 180)
+    crop_click = np.asarray(far) - np.asarray(s._prepared.pre.crop_start)
+    assert not any(all(r.box[a] <= crop_click[a] <= r.box[a + 3] for a in range(3)) for r in s._state.regions)
+    expected = click_radius(s._state.logits.clone(), crop_click, s.correction_config, True)
+    radii, fuse = [], session_module.fuse
+    monkeypatch.setattr(session_module, "fuse", lambda *args: radii.append(args[6]) or fuse(*args))
+    s.add_click(far, True)
+    assert radii == [expected, expected]
 
 
 def test_reach_must_be_positive():

@@ -270,7 +270,7 @@ def apply_deltas(logits: torch.Tensor, rows: CorrectionRows, delta: torch.Tensor
 def click_depth(logits: torch.Tensor, centre, limit: float, positive: bool) -> float:
     """Euclidean distance (voxels) from ``centre`` to the nearest voxel across the mask's edge (logit > 0 for a
     positive click, which lies outside the mask; logit <= 0 for a negative one), or ``limit`` when there is none
-    within ``limit``."""
+    within ``limit``. Only voxels of ``logits`` count: the array's border is not an edge of the mask."""
     box = ball_box(centre, limit, logits.shape)
     if box is None:
         return float(limit)
@@ -281,9 +281,13 @@ def click_depth(logits: torch.Tensor, centre, limit: float, positive: bool) -> f
     return min(float(limit), math.sqrt(float(across.min()))) if across.numel() else float(limit)
 
 
+def _reach(config: CorrectionConfig, positive: bool | None) -> float | None:
+    return None if positive is None else config.positive_reach if positive else config.negative_reach
+
+
 def click_radius(previous: torch.Tensor, centre, config: CorrectionConfig, positive: bool | None) -> float:
     """Radius of the fusion ball of a click at ``centre`` (voxels of ``previous``, the logits before the click)."""
-    reach = {True: config.positive_reach, False: config.negative_reach, None: None}[positive]
+    reach = _reach(config, positive)
     if reach is None:
         return float(config.fusion_radius)
     depth = click_depth(previous, np.asarray(centre, np.float64), config.fusion_radius, bool(positive))
@@ -301,7 +305,7 @@ def fuse(previous: torch.Tensor, new: torch.Tensor, origin: tuple[int, int, int]
     centre = np.asarray(click, np.float64) - np.asarray(origin)
     if radius is None:
         radius = click_radius(previous, centre, config, positive)
-    if {True: config.positive_reach, False: config.negative_reach, None: None}[positive] is not None:
+    if _reach(config, positive) is not None:
         fused = previous.clone()
     else:
         lo_p, hi_p = config.fusion_band

@@ -404,7 +404,7 @@ class InteractiveSession:
         config = self.correction_config
         # the ball the click may change is measured once, on the mask before the click: a first write of the
         # same click (the zoom-out pass below) must not move it
-        radius = click_radius(self._state.logits, click, config, bool(labels[-1]))
+        radius = click_radius(self._state.logits, click, config, bool(labels[-1])) if config.fusion else None
         if region is None:
             zoom = self._zoom_out_logits(crop_box, crop_pts, labels)
             outside = torch.ones(self._prepared.crop_shape, dtype=torch.bool)
