@@ -309,7 +309,8 @@ def test_fusion_with_an_origin_equals_the_rule_on_every_voxel():
 
 
 def test_results_are_read_only_snapshots_that_later_steps_leave_alone(model, volume):
-    s = _session(model, volume)
+    # the click lies in a one-voxel hole of the random model's mask: the plain radius makes it change the mask
+    s = _session(model, volume, positive_reach=None)
     first = s.set_box(BOX)
     kept = first.mask.copy()
     second = s.add_click((20, 50, 40), True)
@@ -336,10 +337,11 @@ def test_a_click_re_stitches_only_its_windows_and_equals_a_full_stitch(model):
 
 
 def test_polarity_fusion_never_lowers_after_a_positive_click_nor_raises_after_a_negative_one():
-    config = CorrectionConfig(fusion_radius=3, polarity_fusion=True, negative_reach=None)
+    config = CorrectionConfig(fusion_radius=3, polarity_fusion=True, negative_reach=None, positive_reach=None)
     rng = np.random.default_rng(8)
     prev, new = (torch.from_numpy(rng.normal(0, 4, (6, 8, 10)).astype(np.float32)) for _ in range(2))
-    plain = fuse(prev, new, (0, 0, 0), np.array([3, 4, 5]), CorrectionConfig(fusion_radius=3, negative_reach=None))
+    plain = fuse(prev, new, (0, 0, 0), np.array([3, 4, 5]),
+                 CorrectionConfig(fusion_radius=3, negative_reach=None, positive_reach=None))
     up = fuse(prev, new, (0, 0, 0), np.array([3, 4, 5]), config, positive=True)
     down = fuse(prev, new, (0, 0, 0), np.array([3, 4, 5]), config, positive=False)
     assert torch.equal(up, torch.maximum(prev, plain)) and torch.equal(down, torch.minimum(prev, plain))
@@ -422,6 +424,18 @@ def test_a_click_outside_every_region_fuses_both_passes_with_the_radius_measured
     monkeypatch.setattr(session_module, "fuse", lambda *args: radii.append(args[6]) or fuse(*args))
     s.add_click(far, True)
     assert radii == [expected, expected]
+
+
+def test_a_click_on_a_voxel_that_already_has_its_label_gets_the_plain_fusion_radius():
+    from segvolgru.correction import click_radius
+
+    prev, _, click = _rim(17)
+    config = CorrectionConfig(fusion_radius=20, positive_reach=1.0, negative_reach=1.5)
+    assert click_radius(prev, click, config, True) == 20.0  # positive inside the mask
+    assert click_radius(prev, click, config, False) == 4.5  # negative inside: 1.5 x depth 3
+    outside = np.array([10, 10, 30])
+    assert click_radius(prev, outside, config, False) == 20.0  # negative outside the mask
+    assert click_radius(prev, outside, config, True) == 11.0  # positive outside: depth 11 (to i = 19)
 
 
 def test_reach_must_be_positive():

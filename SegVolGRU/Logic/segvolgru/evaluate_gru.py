@@ -4,7 +4,8 @@ Data: three held-out phantom sets (seeds never used in training, >= 20 structure
 pyradiomics ``lung2`` CT with its tumour label (BSD-3 repository; the data's clinical origin is not stated) and the
 nilearn MNI152 masks (grey matter, white matter, brain; each its own case since they overlap). Variants: GRU
 on/off, spread vs sparse write-back, fusion on/off, the fusion keeping accepted (confident) values beyond its
-radius, a negative click's fusion ball at the fixed radius instead of its depth-following reach, and the LIM-Net
+radius, a negative (or positive) click's fusion ball at the fixed radius instead of its depth-following reach, and
+the LIM-Net
 fusion alone with an image-blind spread (the design before the defaults). Each structure
 runs in its own interactive session; clicks follow the challenge rule on the current prediction. The last printed
 line is one JSON object.
@@ -36,9 +37,11 @@ VARIANTS = {
     # a negative click's fusion ball at the fixed fusion radius, with confident new values beyond it (the design
     # before the reach followed the click's depth)
     "fixed_negative_radius": {"gru": True, "negative_reach": None},
+    # the same for positive clicks
+    "fixed_positive_radius": {"gru": True, "positive_reach": None},
     # the design before the polarity-consistent fusion and the intensity-aware spread became the defaults
     "lim_net_fusion_only": {"gru": True, "polarity_fusion": False, "spread_intensity_sigma": None,
-                            "negative_reach": None},
+                            "negative_reach": None, "positive_reach": None},
 }
 
 
