@@ -34,11 +34,13 @@ def _session(model, volume, **settings):
 
 
 def test_undo_redo_restore_the_exact_mask_and_gru_state(model, volume):
-    s = _session(model, volume)
+    # the random model's positive clicks write only with the plain radius: every step must change the mask
+    s = _session(model, volume, positive_reach=None)
     s.set_box(BOX)
     masks, states = [s.mask.copy()], [s.hidden_state]
     for click, positive in [((20, 50, 40), True), ((12, 35, 30), False), ((25, 60, 50), True)]:
         s.add_click(click, positive)
+        assert not np.array_equal(s.mask, masks[-1])
         masks.append(s.mask.copy())
         states.append(s.hidden_state)
     for n in (2, 1, 0):

@@ -5,10 +5,9 @@ pyradiomics ``lung2`` CT with its tumour label (BSD-3 repository; the data's cli
 nilearn MNI152 masks (grey matter, white matter, brain; each its own case since they overlap). Variants: GRU
 on/off, spread vs sparse write-back, fusion on/off, the fusion keeping accepted (confident) values beyond its
 radius, a negative (or positive) click's fusion ball at the fixed radius instead of its depth-following reach, and
-the LIM-Net
-fusion alone with an image-blind spread (the design before the defaults). Each structure
-runs in its own interactive session; clicks follow the challenge rule on the current prediction. The last printed
-line is one JSON object.
+the LIM-Net fusion alone with an image-blind spread (the design before the defaults). Each structure runs in its
+own interactive session; clicks follow the challenge rule on the current prediction. The last printed line is one
+JSON object.
 """
 from __future__ import annotations
 

@@ -55,7 +55,14 @@ TRAINED_PREFIXES = {"all": ("",), "correction": ("correction.",),
 DEMO_CONFIG = SegVolConfig(
     spatial_size=(32, 96, 96), patch_size=(4, 16, 16), hidden_size=192, mlp_dim=768, num_layers=4, num_heads=6,
     decoder_depth=2, decoder_heads=8, decoder_mlp_dim=768, iou_head_hidden_dim=64, text_tower=False,
-    correction=CorrectionConfig(hidden_size=192, row_dim=64).to_dict())
+    # the shipped demo model trained without a positive reach; its file gets one at export (below)
+    correction=CorrectionConfig(hidden_size=192, row_dim=64, positive_reach=None).to_dict())
+# Correction settings that act only at inference, written into the exported file of a demo-configuration run and
+# named in its recipe: chosen on validation phantoms (seeds 500000+) after the shipped model was trained.
+DEMO_INFERENCE_SETTINGS = {
+    "correction": {"positive_reach": 2.0},
+    "why": "chosen after training on validation phantoms (seeds 500000+), never on the held-out sets; it trained "
+           "with positive_reach None; inference settings, not weights"}
 
 
 @dataclass(frozen=True)
@@ -292,6 +299,8 @@ def train(config: SegVolConfig | None, out_dir: str | Path, settings: TrainSetti
                                   f"{list(config.spatial_size)}), preprocessed with segvolgru.preprocess")
     if init is not None:
         recipe["init"] = str(Path(init).resolve())
+    elif config == DEMO_CONFIG:
+        recipe.setdefault("inference_settings", DEMO_INFERENCE_SETTINGS)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -344,9 +353,14 @@ def train(config: SegVolConfig | None, out_dir: str | Path, settings: TrainSetti
 
 def export_model(state_path: str | Path, model_path: str | Path) -> dict:
     """Write the shippable fp16 checkpoint ``{'config', 'model', 'recipe'}`` of a resume file (also of an
-    intermediate one); the recipe gains ``steps_done`` and ``wall_time_s`` (the summed step times). Returns it."""
+    intermediate one); the recipe gains ``steps_done`` and ``wall_time_s`` (the summed step times), and the
+    correction settings of ``recipe["inference_settings"]`` replace the trained ones in the file. Returns it."""
     state = torch.load(state_path, map_location="cpu", weights_only=False)
-    model = build_model(SegVolConfig.from_dict(state["config"]))
+    config = dict(state["config"])
+    overrides = state["recipe"].get("inference_settings", {}).get("correction", {})
+    if overrides:
+        config["correction"] = dict(config["correction"], **overrides)
+    model = build_model(SegVolConfig.from_dict(config))
     model.load_state_dict(state["model"])
     recipe = dict(state["recipe"], steps_done=int(state["step"]),
                   wall_time_s=round(sum(r["seconds"] for r in state["log"]), 1), torch=str(torch.__version__))
