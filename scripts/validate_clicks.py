@@ -1,8 +1,8 @@
 """Click-by-click validation of session settings on validation phantoms (seeds 500000+, never the held-out sets).
 
 The sweeps behind the defaults of `negative_reach`, `positive_reach` and `spread_intensity_sigma` ran this: box +
-5 simulated clicks (challenge rule) on every structure of the first N validation phantoms, with the given
-InteractiveSession settings. Prints the mean Dice per step and the DSC-AUC, the share of clicks that lower Dice,
+5 simulated clicks (challenge rule, as `segvolgru evaluate-gru` runs them) on every structure of the first N
+validation phantoms, with the given InteractiveSession settings. Prints the mean Dice per step and the DSC-AUC, the share of clicks that lower Dice,
 and the same split by click kind; the last line is one JSON object.
 
     .venv/bin/python scripts/validate_clicks.py [--settings '{"negative_reach": null}'] [--phantoms 14]
@@ -15,14 +15,13 @@ import json
 
 import numpy as np
 
-from segvolgru import InteractiveSession, demo_model_path, load_model
+from segvolgru import demo_model_path, load_model
 from segvolgru.cache import EmbeddingCache
-from segvolgru.clicks import box_dict_to_kji, challenge_box, simulate_click
-from segvolgru.metrics import challenge_auc, dice
+from segvolgru.evaluate_gru import run_structure
+from segvolgru.metrics import challenge_auc
 from segvolgru.phantoms import make_phantom
 
 VALIDATION_SEED_BASE = 500_000
-CLICKS = 5
 
 
 def main() -> None:
@@ -38,17 +37,9 @@ def main() -> None:
     for n in range(args.phantoms):
         volume, labels, _ = make_phantom(VALIDATION_SEED_BASE + n, shape=model.config.spatial_size)
         for index, value in enumerate(v for v in np.unique(labels) if v > 0):
-            gt = labels == value
-            session = InteractiveSession(model, volume, cache=cache, **settings)  # as evaluate-gru
-            mask = session.set_box(box_dict_to_kji(challenge_box(gt, np.random.default_rng(index)))).mask
-            curve = [dice(mask, gt)]
-            for _ in range(CLICKS):
-                click = simulate_click(mask.astype(bool), gt)
-                if click is not None:
-                    mask = session.add_click((click.k, click.j, click.i), click.positive).mask
-                    steps.append((click.positive, dice(mask, gt) - curve[-1]))
-                curve.append(dice(mask, gt))
+            curve, _, kinds = run_structure(model, volume, labels == value, settings, cache, seed=index)
             curves.append(curve)
+            steps += [(kind, curve[t + 1] - curve[t]) for t, kind in enumerate(kinds) if kind is not None]
     report = {"settings": settings, "structures": len(curves),
               "dice": [round(float(v), 4) for v in np.mean(curves, axis=0)],
               "dice_auc": round(float(np.mean([challenge_auc(c) for c in curves])), 4),

@@ -223,10 +223,15 @@ def _separable_blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[0, 0]
 
 
-def _ball(box: tuple[slice, ...], centre, radius: float, device) -> torch.Tensor:
-    """Voxels of ``box`` within Euclidean ``radius`` of ``centre`` (both in the same voxel coordinates)."""
+def _squared_distance(box: tuple[slice, ...], centre, device) -> torch.Tensor:
+    """Squared Euclidean distance of every voxel of ``box`` to ``centre`` (both in the same voxel coordinates)."""
     axes = [torch.arange(s.start, s.stop, device=device, dtype=torch.float32) - float(c) for s, c in zip(box, centre)]
-    return axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2 <= radius ** 2
+    return axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
+
+
+def _ball(box: tuple[slice, ...], centre, radius: float, device) -> torch.Tensor:
+    """Voxels of ``box`` within Euclidean ``radius`` of ``centre``."""
+    return _squared_distance(box, centre, device) <= radius ** 2
 
 
 def apply_deltas(logits: torch.Tensor, rows: CorrectionRows, delta: torch.Tensor, click: np.ndarray,
@@ -275,10 +280,8 @@ def click_depth(logits: torch.Tensor, centre, limit: float, positive: bool) -> f
     box = ball_box(centre, limit, logits.shape)
     if box is None:
         return float(limit)
-    axes = [torch.arange(s.start, s.stop, dtype=torch.float32) - float(c) for s, c in zip(box, centre)]
-    squared = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
-    part = logits[box].cpu()
-    across = squared[part > 0 if positive else part <= 0]
+    part = logits[box]
+    across = _squared_distance(box, centre, part.device)[part > 0 if positive else part <= 0]
     return min(float(limit), math.sqrt(float(across.min()))) if across.numel() else float(limit)
 
 
@@ -311,7 +314,8 @@ def fuse(previous: torch.Tensor, new: torch.Tensor, origin: tuple[int, int, int]
     centre = np.asarray(click, np.float64) - np.asarray(origin)
     if radius is None:
         radius = click_radius(previous, centre, config, positive)
-    if _reach(config, positive) is not None:
+    reach = _reach(config, positive) is not None
+    if reach:
         fused = previous.clone()
     else:
         lo_p, hi_p = config.fusion_band
@@ -322,12 +326,14 @@ def fuse(previous: torch.Tensor, new: torch.Tensor, origin: tuple[int, int, int]
             fused = torch.where(~unsure & (previous >= lo_logit) & (previous <= hi_logit), new, previous)
         else:
             fused = torch.where(unsure, previous, new)
+    # "add here" never removes, "remove here" never adds: what the user accepted elsewhere stays
+    keep = None if not config.polarity_fusion or positive is None else torch.maximum if positive else torch.minimum
     # within the radius the new values stand: only the ball's bounding box needs the distances
     box = ball_box(centre, radius, new.shape)
     if box is not None:
-        near = _ball(box, centre, radius, new.device)
-        fused[box] = torch.where(near, new[box], fused[box])
-    if config.polarity_fusion and positive is not None:
-        # "add here" never removes, "remove here" never adds: what the user accepted elsewhere stays
-        fused = torch.maximum(previous, fused) if positive else torch.minimum(previous, fused)
+        part = torch.where(_ball(box, centre, radius, new.device), new[box], fused[box])
+        # beyond a reach's ball the fused values are the previous ones: only its box needs the polarity rule
+        fused[box] = keep(previous[box], part) if keep is not None and reach else part
+    if keep is not None and not reach:
+        fused = keep(previous, fused)
     return fused

@@ -87,16 +87,19 @@ def mni_cases() -> list:
     return cases
 
 
-def run_structure(model, volume, gt: np.ndarray, settings: dict, cache, seed: int) -> tuple[list[float], list[float]]:
-    """Dice after the box and each click, and the seconds of each click."""
+def run_structure(model, volume, gt: np.ndarray, settings: dict, cache,
+                  seed: int) -> tuple[list[float], list[float], list[bool | None]]:
+    """Dice after the box and each click, the seconds of each click, and each step's click kind (True for a positive
+    click, None when the mask was already perfect and no click was made)."""
     from .session import InteractiveSession
 
     session = InteractiveSession(model, volume, cache=cache, **settings)
     box = challenge_box(gt, np.random.default_rng(seed))
     mask = session.set_box(box_dict_to_kji(box)).mask
-    dices, seconds = [dice(mask, gt)], []
+    dices, seconds, kinds = [dice(mask, gt)], [], []
     for _ in range(CLICKS):
         click = simulate_click(mask.astype(bool), gt)
+        kinds.append(None if click is None else click.positive)
         if click is None:
             dices.append(dices[-1])
             continue
@@ -104,7 +107,7 @@ def run_structure(model, volume, gt: np.ndarray, settings: dict, cache, seed: in
         mask = session.add_click((click.k, click.j, click.i), click.positive).mask
         seconds.append(time.perf_counter() - started)
         dices.append(dice(mask, gt))
-    return dices, seconds
+    return dices, seconds, kinds
 
 
 def evaluate_cases(model, cases, variants=VARIANTS, progress: bool = True) -> dict:
@@ -119,7 +122,7 @@ def evaluate_cases(model, cases, variants=VARIANTS, progress: bool = True) -> di
             enumerate(int(v) for v in np.unique(lab) if v > 0)]
     for case_name, volume, gt, k in tqdm(work, desc="structures", disable=not progress, file=sys.stderr):
         for variant, settings in variants.items():
-            d, s = run_structure(model, volume, gt, settings, cache, seed=k)
+            d, s, _ = run_structure(model, volume, gt, settings, cache, seed=k)
             curves[variant].append(d)
             seconds[variant].extend(s)
     return {"curves": curves, "seconds": seconds, "structures": len(work)}

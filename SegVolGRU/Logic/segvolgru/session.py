@@ -426,7 +426,9 @@ class InteractiveSession:
         changed = ball = None
         if not self.correction_active:
             changed = region.grid.windows_containing(tuple(int(v) for v in local_click))
-            box = ball_box(local_click, config.fusion_radius, region.grid.crop_shape)  # the click is inside
+            # the click's own ball when the fusion measured one: nothing beyond it can change
+            box = ball_box(local_click, config.fusion_radius if radius is None else radius,
+                           region.grid.crop_shape)  # the click is inside
             ball = (np.array([b.start for b in box]), np.array([b.stop for b in box]))
         part, new = self._decode_region(region, crop_box, crop_pts, labels, changed, ball)
         part_sl = tuple(slice(r.start + p.start, r.start + p.stop) for r, p in zip(sl, part))
