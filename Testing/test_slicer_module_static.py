@@ -261,3 +261,92 @@ def test_slicer_workflow_test_names_the_session_undo_and_checks_the_editor_logic
     names = re.findall(r"def (test_\w+)", text)
     assert not [n for n in names if "segment_editor_undo" in n]
     assert any("session_undo" in n for n in names) and "editor_logic.Undo()" in text
+
+
+# ----------------------------------------------------------------------------- Extensions Index catalog entry
+# Properties of the Extensions Index's slicer-extension-catalog-entry schema (v1.0.1; v1.0.2 adds
+# dicom_support_rule) with their JSON types; the schema forbids any other key and requires the first three.
+CATALOG_REQUIRED = ("$schema", "category", "scm_url")
+CATALOG_TYPES = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+                 "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int,
+                 "dicom_support_rule": str}
+CATALOG_SCHEMA_URL = re.compile(r"https://raw\.githubusercontent\.com/Slicer/Slicer/main/Schemas/"
+                                r"slicer-extension-catalog-entry-schema-v1\.0\.[12]\.json#?")
+RAW_PREFIX = "https://raw.githubusercontent.com/"
+
+
+def cmake_metadata() -> tuple[str, dict[str, str]]:
+    """The project() name and the EXTENSION_* values of the root CMakeLists.txt."""
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    values = dict(re.findall(r'set\((EXTENSION_\w+)\s+"([^"]*)"\)', cmake))
+    return re.search(r"^project\((\w+)", cmake, re.M).group(1), values
+
+
+def catalog_entry() -> dict:
+    import json
+
+    return json.loads((ROOT / "SegVolGRU.json").read_text(encoding="utf-8"))
+
+
+def test_catalog_entry_is_named_after_the_project_and_follows_the_index_schema():
+    project, _ = cmake_metadata()
+    assert (ROOT / f"{project}.json").is_file(), "the Extensions Index file must be <CMake project name>.json"
+    raw = (ROOT / "SegVolGRU.json").read_bytes()
+    assert b"\r" not in raw and raw.endswith(b"\n"), "the index accepts LF line endings only"
+    entry = catalog_entry()
+    assert not set(CATALOG_REQUIRED) - set(entry), f"missing required keys: {set(CATALOG_REQUIRED) - set(entry)}"
+    assert not set(entry) - set(CATALOG_TYPES), f"keys the schema forbids: {set(entry) - set(CATALOG_TYPES)}"
+    for key, value in entry.items():
+        assert type(value) is CATALOG_TYPES[key], f"{key} must be a {CATALOG_TYPES[key].__name__}"
+    assert CATALOG_SCHEMA_URL.fullmatch(entry["$schema"]), entry["$schema"]
+    assert all(isinstance(d, str) and d for d in entry["build_dependencies"])
+    assert entry.get("scm_type", "git") in ("git", "local") and 1 <= entry.get("tier", 1) <= 5
+    assert entry["scm_url"].startswith("https://") and entry["scm_url"].endswith(".git")
+
+
+def test_catalog_entry_agrees_with_the_s4ext_and_the_cmake_metadata():
+    entry, pairs = catalog_entry(), s4ext()
+    _, values = cmake_metadata()
+    assert entry["scm_url"] == pairs["scmurl"] and entry["scm_revision"] == pairs["scmrevision"]
+    assert entry.get("scm_type", "git") == pairs["scm"]
+    assert entry.get("build_subdirectory", ".") == pairs["build_subdirectory"]
+    assert entry.get("enabled", True) == (pairs["enabled"] == "1")
+    assert entry["category"] == pairs["category"] == values["EXTENSION_CATEGORY"]
+    depends = [] if values["EXTENSION_DEPENDS"] == "NA" else values["EXTENSION_DEPENDS"].split()
+    assert entry["build_dependencies"] == depends == pairs["depends"].split() == ["PyTorch"]
+    # The repository the index clones is the one the homepage and the raw URLs name.
+    repository = entry["scm_url"].removesuffix(".git")
+    assert values["EXTENSION_HOMEPAGE"] == repository
+    owner_repo = repository.removeprefix("https://github.com/")
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in values[key].split():
+            assert url.startswith(f"{RAW_PREFIX}{owner_repo}/{entry['scm_revision']}/"), f"{key}: {url}"
+    assert entry.get("tier", 1) == 1 or pairs["status"] != "Experimental", "an experimental extension is tier 1"
+
+
+def test_license_file_is_the_apache_license_that_pyproject_declares():
+    text = (ROOT / "LICENSE.txt").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    assert re.search(r'^license\s*=\s*"Apache-2\.0"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"), re.M)
+    assert "LICENSE.txt" in (ROOT / "NOTICE.md").read_text(encoding="utf-8")
+
+
+def test_every_raw_url_in_the_metadata_names_a_committed_png():
+    _, values = cmake_metadata()
+    urls = values["EXTENSION_ICONURL"].split() + values["EXTENSION_SCREENSHOTURLS"].split()
+    assert len(values["EXTENSION_SCREENSHOTURLS"].split()) >= 1
+    for url in urls:
+        path = ROOT / url.removeprefix(RAW_PREFIX).split("/", 3)[3]
+        assert path.is_file(), f"{url} names {path.relative_to(ROOT)}, which is not in the repository"
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.relative_to(ROOT)} is not a PNG"
+        assert len(data) < 300 * 1024, f"{path.relative_to(ROOT)} is {len(data) // 1024} KB"
+
+
+def test_screenshot_is_produced_by_the_render_script_whose_caption_says_it_is_no_panel_screenshot():
+    script = (ROOT / "scripts" / "render_screenshot.py").read_text(encoding="utf-8")
+    assert "Screenshots\" / \"panel.png\"" in script and "NOT a screenshot of the Slicer panel" in script
+    assert "InteractiveSession" in script and "demo_model_path()" in script
+    assert "scripts/render_screenshot.py" in (ROOT / "NOTICE.md").read_text(encoding="utf-8")
