@@ -21,6 +21,7 @@ from segvolgru.slicer_bridge import (  # noqa: E402
     new_volume_node,
     points_to_voxels_kji,
     read_segment_mask,
+    restore_segment_voxels,
     save_seg_nrrd,
     volume_array_kji,
     write_segment_mask,
@@ -139,17 +140,19 @@ def test_editable_area_limits_the_write(setup):
     np.testing.assert_array_equal(read_segment_mask(segmentation, target, volume), (1 - liver) | box(3, 3, 3, 6, 6, 6))
 
 
-def test_undo_restores_the_previous_segment_exactly(setup):
+def test_voxels_read_over_an_extent_are_restored_exactly_whatever_was_written_since(setup):
     _, volume, segmentation, target, other, editor = setup
-    first = box(1, 2, 3, 5, 7, 9)
-    write_segment_mask(segmentation, target, first, volume, editor_logic=editor)
+    write_segment_mask(segmentation, target, box(1, 2, 3, 5, 7, 9), volume, editor_logic=editor)
     write_segment_mask(segmentation, other, box(0, 0, 0, 2, 2, 2), volume, editor_logic=editor)
-    other_state = read_segment_mask(segmentation, other, volume)
-    write_segment_mask(segmentation, target, box(3, 0, 0, 8, 10, 12), volume, (3, 0, 0, 7, 9, 11), editor_logic=editor)
-    assert editor.CanUndo()
-    editor.Undo()
-    np.testing.assert_array_equal(read_segment_mask(segmentation, target, volume), first)
-    np.testing.assert_array_equal(read_segment_mask(segmentation, other, volume), other_state)
+    full = {s: read_segment_mask(segmentation, s, volume) for s in (target, other)}
+    extent = (0, 0, 0, 7, 9, 11)
+    kept = [(s, extent, read_segment_mask(segmentation, s, volume, extent)) for s in (target, other)]
+    np.testing.assert_array_equal(kept[0][2], full[target][:8, :10, :12])
+    write_segment_mask(segmentation, target, box(0, 0, 0, 8, 10, 12), volume, extent, editor_logic=editor)
+    assert not read_segment_mask(segmentation, other, volume).any()  # overwritten by the default overwrite mode
+    restore_segment_voxels(segmentation, volume, kept)
+    for segment_id, expected in full.items():
+        np.testing.assert_array_equal(read_segment_mask(segmentation, segment_id, volume), expected)
 
 
 def test_click_voxel_lands_on_the_segment_voxel_at_the_same_world_position(setup):

@@ -154,17 +154,104 @@ def test_session_undo_and_redo_restore_segment_and_points_exactly(scene):
     assert workflow.sync_clicks(positive, negative) is None
 
 
-def test_slicer_undo_reverts_the_last_write_exactly(scene):
-    mrml, volume, segmentation, editor, workflow, target, _ = scene
-    # the random model's re-decode leaves the click's near edge as it was: the plain radius makes the click write
-    workflow.set_settings({"positive_reach": None})
+def snapshot(workflow, segmentation, volume, lists, segment_ids):
+    """Everything an undo must restore: every segment's voxels, the prompts and the points' world positions."""
+    points = [[tuple(round(v, 6) for v in node.GetNthControlPointPositionWorld(i)) for i in
+               range(node.GetNumberOfControlPoints())] for node in lists]
+    return [segment(segmentation, s, volume) for s in segment_ids], workflow.prompts(), points
+
+
+def assert_same_state(now, expected):
+    for got, want in zip(now[0], expected[0]):
+        np.testing.assert_array_equal(got, want)
+    assert now[1:] == expected[1:]
+
+
+def test_undo_and_redo_restore_box_clicks_moves_reset_and_clear_exactly(scene):
+    mrml, volume, segmentation, editor, workflow, target, other = scene
+    # Overwrite of other segments is on (Slicer's default), and the box covers part of 'other'.
+    assert editor.GetSegmentEditorNode().GetOverwriteMode() == editor.GetSegmentEditorNode().OverwriteAllSegments
+    positive, negative = point_list(mrml.scene, "P", [], volume), point_list(mrml.scene, "N", [], volume)
+    lists, ids = (positive, negative), (target, other)
+    states = [snapshot(workflow, segmentation, volume, lists, ids)]
+
+    def record():
+        states.append(snapshot(workflow, segmentation, volume, lists, ids))
+
+    workflow.set_box_from_roi(add_roi(mrml.scene, volume, (4, 10, 12), (40.0, 40.0, 40.0), degrees=0.0))
+    record()
+    positive.AddControlPointWorld(list(kji_to_world(volume, (7, 18, 20))), "P-0")
+    negative.AddControlPointWorld(list(kji_to_world(volume, (2, 5, 6))), "N-0")
+    workflow.sync_clicks(positive, negative)
+    record()
+    positive.SetNthControlPointPositionWorld(0, *kji_to_world(volume, (8, 20, 22)))
+    workflow.sync_clicks(positive, negative)
+    record()
+    workflow.reset_prompts()
+    record()
+    workflow.clear_segment()
+    record()
+    assert not segment(segmentation, target, volume).any()
+    assert not np.array_equal(states[1][0][1], states[0][0][1])  # the box did overwrite part of 'other'
+
+    for expected in reversed(states[:-1]):
+        workflow.undo()
+        assert_same_state(snapshot(workflow, segmentation, volume, lists, ids), expected)
+        assert workflow.sync_clicks(positive, negative) is None  # the lists agree with the restored clicks
+    with pytest.raises(InputError, match="Nothing to undo"):
+        workflow.undo()
+    for expected in states[1:]:
+        workflow.redo()
+        assert_same_state(snapshot(workflow, segmentation, volume, lists, ids), expected)
+    with pytest.raises(InputError, match="Nothing to redo"):
+        workflow.redo()
+
+    workflow.undo()  # back before the clear: the session continues from the restored prompts
+    workflow.undo()
+    workflow.undo()
+    assert len(clicks(workflow)) == 2
+    workflow.sync_clicks(positive, negative)  # nothing pending
+    positive.AddControlPointWorld(list(kji_to_world(volume, (6, 16, 18))), "P-1")
+    workflow.sync_clicks(positive, negative)
+    assert len(clicks(workflow)) == 3
+    np.testing.assert_array_equal(segment(segmentation, target, volume), workflow.mask())
+
+
+def test_private_editor_node_takes_the_users_masking_and_leaves_the_segment_editor_alone(scene):
+    mrml, volume, segmentation, _, _, target, other = scene
+    user_volume = new_volume_node(mrml.scene, np.zeros((4, 5, 6), np.int16), (1, 1, 1), (0, 0, 0), np.eye(3), "MR")
+    user_segmentation = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "user's")
+    singleton = slicer.vtkMRMLSegmentEditorNode()
+    singleton.SetSingletonTag("SegmentEditor")
+    singleton = mrml.scene.AddNode(singleton)
+    singleton.SetAndObserveSegmentationNode(user_segmentation)
+    singleton.SetAndObserveSourceVolumeNode(user_volume)
+    singleton.SetOverwriteMode(singleton.OverwriteNone)
+    singleton.SetMaskMode(segmentation.EditAllowedOutsideAllSegments)
+    editor = create_segment_editor(mrml.scene, segmentation, volume, app_logic=mrml.app_logic)
+    assert editor.GetSegmentEditorNode() is not singleton and editor.GetSegmentEditorNode().GetHideFromEditors()
+    workflow = SegmentationWorkflow(mrml.scene, volume, segmentation, editor, scene[4].model(),
+                                    cache=EmbeddingCache(), masking_from=lambda: singleton)
+    workflow.select_segment("target")
+    other_before = segment(segmentation, other, volume)
+    workflow.set_box_from_roi(add_roi(mrml.scene, volume, (3, 6, 8), (30.0, 30.0, 30.0), degrees=0.0))
+
+    assert singleton.GetSegmentationNode() is user_segmentation and singleton.GetSourceVolumeNode() is user_volume
+    written, other_voxels = segment(segmentation, target, volume), other_before == 1
+    assert workflow.mask()[other_voxels].any() and not written[other_voxels].any()  # the user's masking applied
+    np.testing.assert_array_equal(segment(segmentation, other, volume), other_before)
+    singleton.SetMaskMode(segmentation.EditAllowedEverywhere)  # changed later: the next write follows it
+    workflow.clear_segment()
+    workflow.undo()
+    np.testing.assert_array_equal(segment(segmentation, target, volume), written)
+
+
+def test_same_list_as_positive_and_negative_is_refused(scene):
+    mrml, volume, _, _, workflow, _, _ = scene
     workflow.set_box_from_roi(add_roi(mrml.scene, volume, (7, 18, 20), (20.0, 30.0, 30.0)))
-    before = segment(segmentation, target, volume)
-    workflow.sync_clicks(point_list(mrml.scene, "P", [(4, 8, 30)], volume), None)
-    assert not np.array_equal(segment(segmentation, target, volume), before)
-    assert editor.CanUndo()
-    editor.Undo()
-    np.testing.assert_array_equal(segment(segmentation, target, volume), before)
+    both = point_list(mrml.scene, "P", [(7, 18, 20)], volume)
+    with pytest.raises(InputError, match="both the positive and the negative"):
+        workflow.sync_clicks(both, both)
 
 
 def test_moved_and_deleted_points_replay_the_session_with_the_current_clicks(scene):
@@ -249,7 +336,7 @@ def test_reset_prompts_keeps_voxels_and_clear_segment_empties_it_undoably(scene)
     assert not segmentation.GetSegmentation().GetSegment(target).HasTag(PROMPTS_TAG)
     status = workflow.clear_segment()
     assert status.changed_extent is not None and not segment(segmentation, target, volume).any()
-    editor.Undo()
+    workflow.undo()
     np.testing.assert_array_equal(segment(segmentation, target, volume), content)
 
 
@@ -272,8 +359,11 @@ def test_saved_seg_nrrd_reopens_with_the_same_voxels_and_a_new_workflow_resumes_
     status = resumed.apply(resumed.replay_step())
     assert status.changed_extent is None and loads == [1]
     np.testing.assert_array_equal(resumed.mask(), saved_mask)
-    resumed.undo()  # the replayed session has the full history
-    assert [p["type"] for p in resumed.prompts()] == ["box", "click"]
+    with pytest.raises(InputError, match="Nothing to undo"):  # undo history is per workflow, as Slicer's
+        resumed.undo()
+    resumed.sync_clicks(None, point_list(mrml.scene, "N2", [(9, 20, 20)], volume))
+    resumed.undo()
+    assert resumed.prompts() == saved_prompts
 
 
 def test_step_phases_can_run_apart_as_on_a_worker_thread(scene):

@@ -17,22 +17,28 @@ from .geometry import (
 )
 from .scene import HeadlessSlicer
 from .segment_writer import (
+    copy_masking,
     create_segment_editor,
     ensure_segment,
     load_seg_nrrd,
     read_segment_mask,
+    restore_segment_voxels,
     save_seg_nrrd,
     write_segment_mask,
 )
+from .step_queue import StepQueue
 from .volumes import load_volume, new_volume_node, volume_array_kji, volume_spacing_kji
-from .workflow import PredictionError, SegmentationWorkflow, Step, StepStatus
+from .steps import PredictionError, Step, StepStatus
+from .workflow import SegmentationWorkflow
 
 __all__ = [
     "HeadlessSlicer",
     "PredictionError",
     "SegmentationWorkflow",
     "Step",
+    "StepQueue",
     "StepStatus",
+    "copy_masking",
     "create_segment_editor",
     "ensure_segment",
     "ijk_to_world_matrix",
@@ -45,6 +51,7 @@ __all__ = [
     "points_to_voxels_kji",
     "read_segment_mask",
     "roi_to_box_kji",
+    "restore_segment_voxels",
     "save_seg_nrrd",
     "volume_array_kji",
     "volume_shape_kji",

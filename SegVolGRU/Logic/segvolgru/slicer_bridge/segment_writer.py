@@ -9,7 +9,8 @@ so segments hold exactly the volume's voxels and read back without resampling er
 
 Writing goes through ``vtkSlicerSegmentEditorLogic`` (Slicer 5.10+, also in ``slicer-core``), so the
 segment editor node's masking (editable area, editable intensity range, overwrite of other
-segments) and Slicer's undo apply; only the changed sub-extent is handed over and touched.
+segments) apply; only the changed sub-extent is handed over and touched. Undo is not Slicer's: callers keep the
+voxels they replace (``read_segment_mask`` over an extent) and put them back with ``restore_segment_voxels``.
 """
 from __future__ import annotations
 
@@ -36,24 +37,52 @@ def _segment_editor_class():
 def create_segment_editor(scene, segmentation_node, volume_node, editor_node=None, app_logic=None):
     """A ``vtkSlicerSegmentEditorLogic`` editing ``segmentation_node`` with ``volume_node`` as source volume.
 
-    The logic keeps the undo history (Slicer's default of 5 states), so keep one per editing session
-    and pass it to every ``write_segment_mask``; masking settings are read from ``editor_node`` (a
-    ``vtkMRMLSegmentEditorNode``; a new one with Slicer's defaults is added to ``scene`` when None).
+    Masking settings are read from ``editor_node`` (a ``vtkMRMLSegmentEditorNode``). When it is None a private
+    node with Slicer's defaults is added to ``scene``, hidden from node selectors and not saved with the scene:
+    the logic writes its segmentation and source volume into its editor node, so handing it the Segment Editor
+    module's singleton would retarget the user's Segment Editor. Copy the user's masking into the private node
+    with ``copy_masking`` before writing. The logic keeps no undo states: the panel's undo is SegVolGRU's own
+    (see ``SegmentationWorkflow.undo_step``), so any state kept here could never be reached.
     Returns None where this Slicer has no such class; ``write_segment_mask`` then writes unmasked.
     """
     editor_class = _segment_editor_class()
     if editor_class is None:
         return None
     if editor_node is None:
-        editor_node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        editor_node = slicer.vtkMRMLSegmentEditorNode()
+        editor_node.SetName(scene.GenerateUniqueName("SegVolGRU segment editor"))
+        editor_node.SetHideFromEditors(True)
+        editor_node.SetSaveWithScene(False)
+        editor_node = scene.AddNode(editor_node)
     logic = editor_class()
     logic.SetMRMLScene(scene)
     if app_logic is not None:
         logic.SetMRMLApplicationLogic(app_logic)
+    logic.SetMaximumNumberOfUndoStates(0)
     logic.SetSegmentEditorNode(editor_node)
     logic.SetSegmentationNode(segmentation_node)
     logic.SetSourceVolumeNode(volume_node)
     return logic
+
+
+def copy_masking(source_editor_node, target_editor_node) -> None:
+    """Copy the masking settings (editable area, editable intensity range, overwrite mode) between editor nodes.
+
+    A single-segment editable area names a segment of the source node's segmentation; when the target's
+    segmentation has no segment with that ID the area cannot apply there and the target edits everywhere.
+    """
+    segmentation_class = slicer.vtkMRMLSegmentationNode
+    mode = source_editor_node.GetMaskMode()
+    mask_segment = source_editor_node.GetMaskSegmentID() or ""
+    if mode == segmentation_class.EditAllowedInsideSingleSegment:
+        target_segmentation = target_editor_node.GetSegmentationNode()
+        if target_segmentation is None or target_segmentation.GetSegmentation().GetSegment(mask_segment) is None:
+            mode, mask_segment = segmentation_class.EditAllowedEverywhere, ""
+    target_editor_node.SetMaskMode(mode)
+    target_editor_node.SetMaskSegmentID(mask_segment)
+    target_editor_node.SetSourceVolumeIntensityMask(source_editor_node.GetSourceVolumeIntensityMask())
+    target_editor_node.SetSourceVolumeIntensityMaskRange(*source_editor_node.GetSourceVolumeIntensityMaskRange())
+    target_editor_node.SetOverwriteMode(source_editor_node.GetOverwriteMode())
 
 
 def ensure_segment(segmentation_node, name: str) -> str:
@@ -153,15 +182,14 @@ def write_segment_mask(
         changed_extent_kji: inclusive box ``(k0, j0, i0, k1, j1, i1)`` holding every changed voxel; None
             means the whole volume. Only this sub-extent is handed to MRML.
         editor_logic: a ``vtkSlicerSegmentEditorLogic`` on this segmentation (see
-            ``create_segment_editor``). With it the write is undoable (``SaveStateForUndo()`` is called
-            first, ``editor_logic.Undo()`` reverts it) and obeys the editor node's masking: voxels outside
+            ``create_segment_editor``). With it the write obeys the editor node's masking: voxels outside
             the editable area keep their old state and other segments are overwritten only as the
             overwrite mode says. It is done as Slicer's "add" of the inside voxels followed by "remove" of
             the outside ones, both limited to the extent, because the editor's "set" mode clears the
             segment outside the extent. The segment is selected in the editor node, as any Segment Editor
             effect does. Without it the segment is written directly with
             ``vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment``: no masking, no undo, other
-            segments untouched.
+            segments untouched (what an undo needs to restore voxels exactly).
     Raises InputError for an unknown segment, a mask of the wrong shape, an extent outside the volume,
     an editor logic bound to another segmentation, or non-linear transforms between the nodes.
     """
@@ -182,7 +210,7 @@ def write_segment_mask(
     was_modifying = segmentation_node.StartModify()
     try:
         if editor_logic is None:
-            _write_unmasked(segmentation_node, segment_id, inside, extent_ijk, image_to_segmentation)
+            restore_segment_voxels(segmentation_node, volume_node, [(segment_id, (k0, j0, i0, k1, j1, i1), inside)])
         else:
             _write_with_editor(editor_logic, segmentation_node, segment_id, inside, extent_ijk, image_to_segmentation)
     finally:
@@ -197,7 +225,6 @@ def _write_with_editor(editor_logic, segmentation_node, segment_id, inside, exte
             f"'{segmentation_node.GetName()}'; create it with create_segment_editor for this segmentation."
         )
     editor_logic.GetSegmentEditorNode().SetSelectedSegmentID(segment_id)
-    editor_logic.SaveStateForUndo()
     editor_class = type(editor_logic)
     for values, mode in (
         (inside, editor_class.ModificationModeAdd),
@@ -207,42 +234,65 @@ def _write_with_editor(editor_logic, segmentation_node, segment_id, inside, exte
         editor_logic.ModifySegmentByLabelmap(segmentation_node, segment_id, modifier, mode, extent_ijk, True, False)
 
 
-def _write_unmasked(segmentation_node, segment_id, inside, extent_ijk, image_to_segmentation) -> None:
-    logic = slicer.vtkSlicerSegmentationsModuleLogic
-    for values, merge_mode in (
-        (inside.astype(np.uint8), logic.MODE_MERGE_MASK),
-        (inside.astype(np.uint8) * _KEEP, logic.MODE_MERGE_MIN),
-    ):
-        modifier = _oriented_image(values, extent_ijk, image_to_segmentation)
-        if not logic.SetBinaryLabelmapToSegment(modifier, segmentation_node, segment_id, merge_mode, extent_ijk):
-            raise RuntimeError(f"Slicer refused to write the labelmap of segment '{segment_id}'.")
+def read_segment_mask(segmentation_node, segment_id: str, volume_node, extent_kji: Sequence[int] | None = None
+                      ) -> np.ndarray:
+    """Segment ``segment_id`` as a uint8 0/1 array on the volume's voxel lattice (nearest neighbour).
 
-
-def read_segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
-    """Segment ``segment_id`` as a uint8 0/1 array (K, J, I) on the volume's voxel lattice (nearest neighbour)."""
+    Returns the whole volume (K, J, I), or with ``extent_kji`` (inclusive ``(k0, j0, i0, k1, j1, i1)``) just that
+    box, of shape (k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1).
+    """
     _check_segment(segmentation_node, segment_id)
     shape = volume_shape_kji(volume_node)
+    k0, j0, i0, k1, j1, i1 = _checked_extent(extent_kji, shape)
+    box = (k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1)
     labelmap = slicer.vtkOrientedImageData()
     if not segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap):
         raise InputError(
             f"Segment '{segment_id}' of '{segmentation_node.GetName()}' has no binary labelmap; "
             "convert the segmentation to a binary labelmap source representation first."
         )
-    k, j, i = shape
     reference = _oriented_image(
-        np.zeros(shape, dtype=np.uint8),
-        (0, i - 1, 0, j - 1, 0, k - 1),
+        np.zeros(box, dtype=np.uint8),
+        (i0, i1, j0, j1, k0, k1),
         _labelmap_to_segmentation_matrix(segmentation_node, volume_node),
     )
     low_i, high_i, low_j, high_j, low_k, high_k = labelmap.GetExtent()
     if low_i > high_i or low_j > high_j or low_k > high_k:
-        return np.zeros(shape, dtype=np.uint8)
+        return np.zeros(box, dtype=np.uint8)
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
         labelmap, reference, resampled, False
     )
-    values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape)
+    values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(box)
     return (values != 0).astype(np.uint8)
+
+
+def restore_segment_voxels(segmentation_node, volume_node, patches: Sequence[tuple[str, Sequence[int], np.ndarray]]
+                           ) -> None:
+    """Put back voxels read with ``read_segment_mask``: each patch is (segment ID, extent, values of that box).
+
+    Written directly, with no masking (an undo restores exactly what was there). Every removal is done before
+    any addition, so segments that share one labelmap layer get back voxels another segment held meanwhile.
+    """
+    shape = volume_shape_kji(volume_node)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    image_to_segmentation = _labelmap_to_segmentation_matrix(segmentation_node, volume_node)
+    checked = []
+    for segment_id, extent, values in patches:
+        _check_segment(segmentation_node, segment_id)
+        k0, j0, i0, k1, j1, i1 = _checked_extent(extent, shape)
+        checked.append((segment_id, (i0, i1, j0, j1, k0, k1), np.asarray(values) != 0))
+    was_modifying = segmentation_node.StartModify()
+    try:
+        for values_of, merge_mode in ((lambda inside: inside.astype(np.uint8) * _KEEP, logic.MODE_MERGE_MIN),
+                                      (lambda inside: inside.astype(np.uint8), logic.MODE_MERGE_MASK)):
+            for segment_id, extent_ijk, inside in checked:
+                modifier = _oriented_image(values_of(inside), extent_ijk, image_to_segmentation)
+                if not logic.SetBinaryLabelmapToSegment(modifier, segmentation_node, segment_id, merge_mode,
+                                                        extent_ijk):
+                    raise RuntimeError(f"Slicer refused to write the labelmap of segment '{segment_id}'.")
+    finally:
+        segmentation_node.EndModify(was_modifying)
 
 
 def save_seg_nrrd(segmentation_node, path: str | os.PathLike) -> None:

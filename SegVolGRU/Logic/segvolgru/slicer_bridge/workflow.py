@@ -13,11 +13,14 @@ Invariants:
 - One ``InteractiveSession`` per segment; the segment holds that session's mask (wherever the segment editor's
   masking allows). The first result of a new or replayed session is written over every voxel where it differs
   from the segment; later ones over the session's changed extent only. Every write goes through
-  ``write_segment_mask`` with the editor logic, so it is one entry of Slicer's undo and obeys masking.
+  ``write_segment_mask`` with the editor logic, so it obeys masking (copied from ``masking_from`` first).
+- Undo is the workflow's own (``undo_step`` / ``redo_step``): one linear history of every step (box, clicks,
+  clear, prompt reset) that restores the segment's prompts, its click points and the voxels of every segment the
+  step wrote, exactly, masking or not. The editor logic keeps no undo states of its own.
 - The source volume is copied once and never written; other segments change only as the editor's overwrite
   mode says.
-- Each click remembers the markups control point it came from (node ID, point ID). A session undo removes the
-  undone click's point from its list and redo puts it back, so the lists always show the active clicks.
+- Each click remembers the markups control point it came from (node ID, point ID) and where it was. Undo and
+  redo remove, put back or move the points, so the lists always show the active clicks.
 - After each step the prompts, the click sources and the session settings are stored as JSON in the segment's
   tag ``SegVolGRU.Prompts``: saved with the scene and the ``.seg.nrrd``, and replayed by a new workflow.
 """
@@ -25,163 +28,24 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import slicer
 from vtkmodules.vtkCommonCore import reference
 
-from segvolgru.errors import InputError, SegVolGRUError
+from segvolgru.errors import InputError
 
-from .geometry import node_to_world_matrix, points_to_voxels_kji, roi_to_box_kji
-from .segment_writer import ensure_segment, read_segment_mask, write_segment_mask
+from .click_points import defined_points, place_points
+from .geometry import node_to_world_matrix, roi_to_box_kji
+from .history import History, HistoryEntry, PromptState, VoxelPatch
+from .segment_writer import copy_masking, ensure_segment, read_segment_mask, restore_segment_voxels, write_segment_mask
+from .steps import ClickSource, PredictionError, Step, StepStatus, click_count, extent_of, Outcome, union_extent
 from .volumes import volume_array_kji, volume_spacing_kji
 
 PROMPTS_TAG = "SegVolGRU.Prompts"
 _TAG_VERSION = 1
 Extent = tuple[int, int, int, int, int, int]
-
-
-class PredictionError(SegVolGRUError, RuntimeError):
-    """The model failed on a step (out of memory, bad weights, a bug); the segment was left as it was."""
-
-
-@dataclass
-class ClickSource:
-    """The markups control point a click came from, with what is needed to put the point back after an undo.
-
-    ``position_world`` is RAS in mm (parent transforms included), as last seen.
-    """
-
-    node_id: str
-    point_id: str
-    position_world: tuple[float, float, float]
-    label: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "point_id": self.point_id,
-                "position_world": list(self.position_world), "label": self.label}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ClickSource":
-        return cls(str(data["node_id"]), str(data["point_id"]),
-                   tuple(float(v) for v in data["position_world"]), str(data.get("label", "")))
-
-
-@dataclass
-class StepStatus:
-    """What a step did, for the status line. Seconds are wall time; ``changed_extent`` is the inclusive
-    (k0, j0, i0, k1, j1, i1) box written, None when the segment did not change."""
-
-    action: str
-    segment_id: str
-    segment_name: str
-    predict_seconds: float
-    write_seconds: float
-    changed_extent: Extent | None
-    prompt_count: int
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def message(self) -> str:
-        change = "no voxel changed" if self.changed_extent is None else "segment updated"
-        return (f"{self.action} on '{self.segment_name}': {change}; prediction {self.predict_seconds:.2f} s, "
-                f"write {self.write_seconds:.2f} s, {self.prompt_count} prompt(s)")
-
-
-@dataclass
-class _Outcome:
-    session: Any
-    mask: np.ndarray
-    changed_extent: Extent | None
-    fresh: bool
-    timings: dict[str, float]
-    sources: list[ClickSource | None] | None  # the new click sources, or None to follow the session's count
-
-
-@dataclass
-class _SegmentState:
-    session: Any = None
-    prompts: list[dict] = field(default_factory=list)  # the prompts of the last applied step
-    # Aligned with the click prompts; entries past the current click count belong to undone clicks (redo).
-    sources: list[ClickSource | None] = field(default_factory=list)
-
-
-class Step:
-    """One prediction: prepared on the main thread, ``compute()`` anywhere (torch only), then ``apply``-ed."""
-
-    def __init__(self, action: str, segment_id: str, run: Callable[[], _Outcome]) -> None:
-        self.action = action
-        self.segment_id = segment_id
-        self._run = run
-        self.outcome: _Outcome | None = None
-        self.error: BaseException | None = None
-        self.compute_seconds = 0.0
-        self.computed = False
-
-    def compute(self) -> "Step":
-        """Run the model; an exception is kept for ``apply`` to report on the main thread. Returns self."""
-        started = time.perf_counter()
-        try:
-            self.outcome = self._run()
-        except Exception as error:  # reported by apply(), which knows how to leave the segment unchanged
-            self.error = error
-        self.compute_seconds = time.perf_counter() - started
-        self.computed = True
-        return self
-
-
-def _click_count(prompts: Sequence[dict]) -> int:
-    return sum(1 for p in prompts if p.get("type") == "click")
-
-
-def _extent_of(changed: np.ndarray) -> Extent | None:
-    """Inclusive bounding box (k0, j0, i0, k1, j1, i1) of the True voxels, None when there are none."""
-    if not changed.any():
-        return None
-    low, high = [], []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(changed.any(axis=others))
-        low.append(int(hits[0]))
-        high.append(int(hits[-1]))
-    return low[0], low[1], low[2], high[0], high[1], high[2]
-
-
-def _union(a: Extent | None, b: Extent | None) -> Extent | None:
-    if a is None or b is None:
-        return a if b is None else b
-    return (*(min(x, y) for x, y in zip(a[:3], b[:3])), *(max(x, y) for x, y in zip(a[3:], b[3:])))
-
-
-def _defined_points(points_node, volume_node) -> list[tuple[str, tuple[int, int, int], tuple[float, float, float], str]]:
-    """(point ID, voxel (k, j, i), world RAS mm, label) of every placed control point, in list order.
-
-    Points still being placed (preview) are left out: they follow the mouse. The voxel rule is
-    ``points_to_voxels_kji``'s; with a preview point present it is applied to a scene-less copy of the placed
-    points (same name and labels, so its messages still name the point).
-    """
-    node_to_world_matrix(points_node, "points")
-    count = points_node.GetNumberOfControlPoints()
-    placed = [i for i in range(count)
-              if points_node.GetNthControlPointPositionStatus(i) == points_node.PositionDefined]
-    positions = []
-    for index in placed:
-        position = [0.0, 0.0, 0.0]
-        points_node.GetNthControlPointPositionWorld(index, position)
-        positions.append(tuple(position))
-    if len(placed) == count:
-        voxels = points_to_voxels_kji(points_node, volume_node)
-    else:
-        copy = slicer.vtkMRMLMarkupsFiducialNode()
-        copy.SetName(points_node.GetName())
-        for index, position in zip(placed, positions):
-            copy.AddControlPointWorld(list(position), points_node.GetNthControlPointLabel(index))
-        voxels = points_to_voxels_kji(copy, volume_node)
-    return [(points_node.GetNthControlPointID(index), voxel, position, points_node.GetNthControlPointLabel(index))
-            for index, voxel, position in zip(placed, voxels, positions)]
 
 
 class SegmentationWorkflow:
@@ -195,6 +59,10 @@ class SegmentationWorkflow:
             its editor node's masking applies and it keeps Slicer's undo history. None writes unmasked, no undo.
         model: a SegVol model, or a callable returning one (called once, on the first prediction, in the
             thread that computes), so that weights load lazily.
+        masking_from: a callable returning the ``vtkMRMLSegmentEditorNode`` whose masking settings apply (in
+            Slicer, the Segment Editor module's node), or None; they are copied into ``editor_logic``'s own
+            editor node before each write, so the user's masking applies while their Segment Editor keeps
+            editing whatever it edits.
         settings: ``InteractiveSession`` settings (``gru``, ``overlap``, ``text``, correction switches).
         cache: the embedding cache shared by the sessions (the process-wide one when None).
     Raises InputError when there is no volume or segmentation, the volume is 4-D, vector or empty, or a
@@ -202,7 +70,8 @@ class SegmentationWorkflow:
     """
 
     def __init__(self, scene, volume_node, segmentation_node, editor_logic, model,
-                 settings: dict[str, Any] | None = None, cache=None) -> None:
+                 settings: dict[str, Any] | None = None, cache=None,
+                 masking_from: Callable[[], Any] | None = None) -> None:
         if volume_node is None:
             raise InputError("No input volume: select the volume to segment (or load one) first.")
         if segmentation_node is None:
@@ -212,6 +81,7 @@ class SegmentationWorkflow:
         self.volume_node = volume_node
         self.segmentation_node = segmentation_node
         self.editor_logic = editor_logic
+        self.masking_from = masking_from
         self._model_source = model
         self._model = model if hasattr(model, "parameters") else None
         self.settings = dict(settings or {})
@@ -219,7 +89,8 @@ class SegmentationWorkflow:
         self._volume = np.array(volume_array_kji(volume_node), copy=True)
         self._volume.setflags(write=False)
         self._spacing = volume_spacing_kji(volume_node)
-        self._states: dict[str, _SegmentState] = {}
+        self._states: dict[str, PromptState] = {}
+        self.history = History()
         self.segment_id: str | None = None
         self.restore_sessions()
         ids = list(segmentation_node.GetSegmentation().GetSegmentIDs())
@@ -259,8 +130,8 @@ class SegmentationWorkflow:
             raise InputError(f"The selected segment '{self.segment_id}' was deleted; select or create a segment.")
         return self.segment_id
 
-    def _state(self, segment_id: str) -> _SegmentState:
-        return self._states.setdefault(segment_id, _SegmentState())
+    def _state(self, segment_id: str) -> PromptState:
+        return self._states.setdefault(segment_id, PromptState())
 
     def prompts(self, segment_id: str | None = None) -> list[dict]:
         """The prompts of the segment's session (plain data; a copy)."""
@@ -284,8 +155,9 @@ class SegmentationWorkflow:
         self.settings = dict(settings)
         for state in self._states.values():
             state.session = None
+        self.history.drop_sessions()
 
-    def _open_session(self, state: _SegmentState, prompts: list[dict] | None = None) -> tuple[Any, bool]:
+    def _open_session(self, state: PromptState, prompts: list[dict] | None = None) -> tuple[Any, bool]:
         """The segment's live session (not fresh), or one replayed from ``prompts`` / the stored prompts (fresh)."""
         from segvolgru.session import InteractiveSession
 
@@ -299,15 +171,15 @@ class SegmentationWorkflow:
                       prompts: list[dict] | None = None) -> Step:
         state = self._state(segment_id)
 
-        def run() -> _Outcome:
+        def run() -> Outcome:
             session, fresh = self._open_session(state, prompts)
             extent, timings, mask = None, {}, None
             for result in operate(session):
-                extent = _union(extent, result.changed_extent)
+                extent = union_extent(extent, result.changed_extent)
                 mask = result.mask  # a read-only snapshot: later steps of the session copy before writing
                 for stage, seconds in result.timings.items():
                     timings[stage] = timings.get(stage, 0.0) + seconds
-            return _Outcome(session, session.mask.copy() if mask is None else mask, extent, fresh, timings, sources)
+            return Outcome(session, session.mask.copy() if mask is None else mask, extent, fresh, timings, sources)
 
         return Step(action, segment_id, run)
 
@@ -327,14 +199,14 @@ class SegmentationWorkflow:
             raise InputError(f"Point list '{points_node.GetName()}' has no point {index} "
                              f"(it has {points_node.GetNumberOfControlPoints()}); place the point first.")
         point_id = points_node.GetNthControlPointID(index)
-        found = [p for p in _defined_points(points_node, self.volume_node) if p[0] == point_id]
+        found = [p for p in defined_points(points_node, self.volume_node) if p[0] == point_id]
         if not found:
             raise InputError(f"Point {index} of '{points_node.GetName()}' is still being placed; click in a view to "
                              "place it first.")
         _, voxel, position, label = found[0]
         segment_id = self._current_segment()
         state = self._state(segment_id)
-        sources = state.sources[:_click_count(state.prompts)] + [
+        sources = state.sources[:click_count(state.prompts)] + [
             ClickSource(points_node.GetID(), point_id, position, label)]
         return self._session_step("Positive click" if positive else "Negative click", segment_id,
                                   lambda s: [s.add_click(voxel, positive)], sources)
@@ -346,15 +218,18 @@ class SegmentationWorkflow:
         moved to another voxel or deleted, the session is replayed with every click at its current place.
         Clicks whose points are in neither list count as deleted.
         """
+        if positive_node is not None and positive_node is negative_node:
+            raise InputError(f"'{positive_node.GetName()}' is selected as both the positive and the negative point "
+                             "list; pick a different list for one of them.")
         segment_id = self._current_segment()
         state = self._state(segment_id)
         current: dict[tuple[str, str], tuple[tuple[int, int, int], bool, ClickSource]] = {}
         for node, positive in ((positive_node, True), (negative_node, False)):
             if node is None:
                 continue
-            for point_id, voxel, position, label in _defined_points(node, self.volume_node):
+            for point_id, voxel, position, label in defined_points(node, self.volume_node):
                 current[(node.GetID(), point_id)] = (voxel, positive, ClickSource(node.GetID(), point_id, position, label))
-        count = _click_count(state.prompts)
+        count = click_count(state.prompts)
         known = state.sources[:count]
         known_keys = {(s.node_id, s.point_id) for s in known if s is not None}
         clicks = iter([p for p in state.prompts if p["type"] == "click"])
@@ -394,12 +269,39 @@ class SegmentationWorkflow:
         return self._session_step("Moved clicks", segment_id, lambda s: [], sources, prompts)
 
     def undo_step(self) -> Step:
-        """Undo the selected segment's last prompt (its click point leaves the point list until redo)."""
-        return self._session_step("Undo", self._current_segment(), lambda s: [s.undo()])
+        """Undo the last step of this workflow, whichever segment it was on (that segment becomes the selected
+        one): its voxels, prompts and click points come back exactly as they were before it."""
+        return self._history_step("Undo", self.history.next_undo(), undo=True)
 
     def redo_step(self) -> Step:
-        """Redo the selected segment's last undone prompt."""
-        return self._session_step("Redo", self._current_segment(), lambda s: [s.redo()])
+        """Redo the last undone step."""
+        return self._history_step("Redo", self.history.next_redo(), undo=False)
+
+    def _history_step(self, action: str, entry: HistoryEntry, undo: bool) -> Step:
+        if self.segmentation_node.GetSegmentation().GetSegment(entry.segment_id) is None:
+            raise InputError(f"The segment that step was on ('{entry.segment_id}') was deleted; it cannot be "
+                             f"{'undone' if undo else 'redone'}.")
+        source, target = (entry.after, entry.before) if undo else (entry.before, entry.after)
+        state = self._state(entry.segment_id)
+
+        def run() -> Outcome:
+            # The live session steps back (or forward) in place when it is the one the entry knew; otherwise the
+            # target state's own session, or a replay of its prompts at the next step.
+            session = target.session
+            if entry.pushes >= 0 and state.session is not None and state.session.prompts == source.prompts:
+                session = state.session
+                try:
+                    for _ in range(entry.pushes):
+                        session.undo() if undo else session.redo()
+                except InputError:  # the session's own history is shorter than the workflow's
+                    session = None
+            if session is not None and session.prompts != target.prompts:
+                session = None
+            return Outcome(session, None, None, False, {}, list(target.sources))
+
+        step = Step(action, entry.segment_id, run)
+        step.history = (entry, undo)
+        return step
 
     def replay_step(self, segment_id: str | None = None) -> Step:
         """Rebuild a segment's session from its stored prompts (after reopening a scene, or to check it)."""
@@ -423,53 +325,82 @@ class SegmentationWorkflow:
             raise PredictionError(
                 f"{step.action} failed: {type(step.error).__name__}: {step.error}. The segment was left as it was. "
                 "Try the CPU device or a smaller ROI; if it persists, check the model weights.") from step.error
-        outcome = step.outcome
         started = time.perf_counter()
+        if step.history is not None:
+            extent = self._apply_history(step)
+        else:
+            extent = self._apply_prediction(step, state)
+        return StepStatus(step.action, step.segment_id, self._segment_name(step.segment_id), step.compute_seconds,
+                          time.perf_counter() - started, extent, len(state.prompts), step.outcome.timings)
+
+    def _apply_prediction(self, step: Step, state: PromptState) -> Extent | None:
+        outcome = step.outcome
         if outcome.fresh:
             current = read_segment_mask(self.segmentation_node, step.segment_id, self.volume_node)
-            extent = _extent_of(current != outcome.mask)
+            extent = extent_of(current != outcome.mask)
         else:
             extent = outcome.changed_extent
+        before = state.snapshot()
         try:
-            if extent is not None:
-                write_segment_mask(self.segmentation_node, step.segment_id, outcome.mask, self.volume_node,
-                                   extent, self.editor_logic)
+            patches = self._write(step.segment_id, outcome.mask, extent)
         except Exception:
             state.session = None
             raise
-        old_count = _click_count(state.prompts)
         state.session = outcome.session
         state.prompts = json.loads(json.dumps(outcome.session.prompts))
         if outcome.sources is not None:
+            place_points(self.scene, state.sources, outcome.sources)
             state.sources = list(outcome.sources)
-        else:
-            self._follow_click_count(state, old_count, _click_count(state.prompts))
+        same_session = before.session is outcome.session
+        pushes = len(state.prompts) - len(before.prompts) if same_session else -1
+        if patches or state.prompts != before.prompts or state.sources != before.sources:
+            # A replay that changed nothing is not a step the user could want to undo.
+            self.history.record(HistoryEntry(step.action, step.segment_id, before, state.snapshot(), pushes, patches))
         self._store(step.segment_id)
-        return StepStatus(step.action, step.segment_id, self._segment_name(step.segment_id), step.compute_seconds,
-                          time.perf_counter() - started, extent, len(state.prompts), outcome.timings)
+        return extent
 
-    def _follow_click_count(self, state: _SegmentState, old_count: int, new_count: int) -> None:
-        """Remove the points of undone clicks from their lists and put back those of redone ones."""
-        for index in range(new_count, old_count):
-            source = state.sources[index]
-            node = None if source is None else self.scene.GetNodeByID(source.node_id)
-            point = -1 if node is None else node.GetControlPointIndexByID(source.point_id)
-            if point >= 0:
-                position = [0.0, 0.0, 0.0]
-                node.GetNthControlPointPositionWorld(point, position)
-                source.position_world = tuple(position)
-                node.RemoveNthControlPoint(point)
-        for index in range(old_count, new_count):
-            if index >= len(state.sources):
-                state.sources.append(None)
-                continue
-            source = state.sources[index]
-            node = None if source is None else self.scene.GetNodeByID(source.node_id)
-            if node is None:
-                state.sources[index] = None
-                continue
-            point = node.AddControlPointWorld(list(source.position_world), source.label)
-            source.point_id = node.GetNthControlPointID(point)
+    def _apply_history(self, step: Step) -> Extent | None:
+        entry, undo = step.history
+        target = entry.before if undo else entry.after
+        restore_segment_voxels(self.segmentation_node, self.volume_node,
+                               [(p.segment_id, p.extent, p.values(after=not undo)) for p in entry.patches])
+        state = self._state(entry.segment_id)
+        place_points(self.scene, state.sources, target.sources)
+        self._states[entry.segment_id] = PromptState(step.outcome.session, [dict(p) for p in target.prompts],
+                                                     list(target.sources))
+        self.history.undone() if undo else self.history.redone()
+        self.segment_id = entry.segment_id
+        self._store(entry.segment_id)
+        extent = None
+        for patch in entry.patches:
+            extent = union_extent(extent, patch.extent)
+        return extent
+
+    def _write(self, segment_id: str, mask: np.ndarray, extent: Extent | None) -> list[VoxelPatch]:
+        """Write ``mask`` over ``extent`` of the segment (masking applies) and return what changed, for undo.
+
+        The overwrite mode can change other segments inside the extent too, so their voxels are kept as well
+        unless the mode leaves other segments alone.
+        """
+        if extent is None:
+            return []
+        segment_ids = [segment_id]
+        if self.editor_logic is not None:
+            editor_node = self.editor_logic.GetSegmentEditorNode()
+            if self.masking_from is not None:
+                source = self.masking_from()
+                if source is not None:
+                    copy_masking(source, editor_node)
+            if editor_node.GetOverwriteMode() != editor_node.OverwriteNone:
+                segment_ids += [i for i in self.segmentation_node.GetSegmentation().GetSegmentIDs() if i != segment_id]
+        read = [(i, read_segment_mask(self.segmentation_node, i, self.volume_node, extent)) for i in segment_ids]
+        write_segment_mask(self.segmentation_node, segment_id, mask, self.volume_node, extent, self.editor_logic)
+        patches = []
+        for i, before in read:
+            after = read_segment_mask(self.segmentation_node, i, self.volume_node, extent)
+            if not np.array_equal(before, after):
+                patches.append(VoxelPatch.of(i, extent, before, after))
+        return patches
 
     def _segment_name(self, segment_id: str) -> str:
         segment = self.segmentation_node.GetSegmentation().GetSegment(segment_id)
@@ -495,28 +426,32 @@ class SegmentationWorkflow:
     def redo(self) -> StepStatus:
         return self.apply(self.redo_step())
 
-    def reset_prompts(self) -> None:
+    def reset_prompts(self) -> StepStatus:
         """Forget the selected segment's prompts and remove their points from the lists; the voxels stay.
 
-        The next prediction starts a new session, whose first result replaces the segment's content.
+        The next prediction starts a new session, whose first result replaces the segment's content. Undoable.
         """
-        segment_id = self._current_segment()
-        state = self._state(segment_id)
-        self._follow_click_count(state, _click_count(state.prompts), 0)
-        self._states[segment_id] = _SegmentState()
-        self._store(segment_id)
+        return self._reset("Reset prompts", clear=False)
 
     def clear_segment(self) -> StepStatus:
-        """Empty the selected segment (one undoable write, masking applies) and reset its prompts."""
+        """Empty the selected segment (masking applies) and reset its prompts, as one undoable step."""
+        return self._reset("Clear", clear=True)
+
+    def _reset(self, action: str, clear: bool) -> StepStatus:
         segment_id = self._current_segment()
         started = time.perf_counter()
-        current = read_segment_mask(self.segmentation_node, segment_id, self.volume_node)
-        extent = _extent_of(current != 0)
-        if extent is not None:
-            write_segment_mask(self.segmentation_node, segment_id, np.zeros_like(current), self.volume_node,
-                               extent, self.editor_logic)
-        self.reset_prompts()
-        return StepStatus("Clear", segment_id, self._segment_name(segment_id), 0.0,
+        state = self._state(segment_id)
+        before = state.snapshot()
+        extent, patches = None, []
+        if clear:
+            current = read_segment_mask(self.segmentation_node, segment_id, self.volume_node)
+            extent = extent_of(current != 0)
+            patches = self._write(segment_id, np.zeros_like(current), extent)
+        place_points(self.scene, state.sources, [])
+        self._states[segment_id] = PromptState()
+        self.history.record(HistoryEntry(action, segment_id, before, PromptState(), -1, patches))
+        self._store(segment_id)
+        return StepStatus(action, segment_id, self._segment_name(segment_id), 0.0,
                           time.perf_counter() - started, extent, 0)
 
     # ----------------------------------------------------------------- stored with the scene
@@ -533,7 +468,7 @@ class SegmentationWorkflow:
         if not state.prompts:
             segment.RemoveTag(PROMPTS_TAG)
             return
-        sources = state.sources[:_click_count(state.prompts)]
+        sources = state.sources[:click_count(state.prompts)]
         segment.SetTag(PROMPTS_TAG, json.dumps({
             "version": _TAG_VERSION,
             "prompts": state.prompts,
@@ -561,8 +496,8 @@ class SegmentationWorkflow:
             except (ValueError, KeyError, TypeError) as error:
                 raise InputError(f"The stored prompts of segment '{self._segment_name(segment_id)}' are unreadable "
                                  f"({error}); clear the segment's prompts to start again.") from None
-            clicks = _click_count(prompts)
+            clicks = click_count(prompts)
             sources = (sources + [None] * clicks)[:clicks]
-            self._states[segment_id] = _SegmentState(None, prompts, sources)
+            self._states[segment_id] = PromptState(None, prompts, sources)
             restored.append(segment_id)
         return restored
