@@ -1,19 +1,14 @@
 """SegVolGRU: interactive SegVol segmentation with GRU click correction, as a 3D Slicer scripted module.
 
-Only this file knows Qt and the Slicer application. Prompt mapping, sessions, writes into segments and stored
-prompts live in ``segvolgru.slicer_bridge.SegmentationWorkflow`` under ``Logic/`` (driven by pytest on
-``slicer-core``); this module adds the panel, first-use installs, a worker thread for torch and settings.
+Only this file knows Qt and the Slicer application; it wires the panel to ``segvolgru.slicer_bridge`` under
+``Logic/`` (the workflow, the request queue, first-use installs), which pytest drives on ``slicer-core``.
 """
 from __future__ import annotations
 
-import collections
 import concurrent.futures
-import importlib.util
 import logging
 import os
-import re
 import sys
-import threading
 import time
 import unittest
 
@@ -38,28 +33,37 @@ if _LOGIC_DIR not in sys.path:
 
 _SETTINGS_DEVICE = "SegVolGRU/Device"
 _SETTINGS_WEIGHTS = "SegVolGRU/WeightsPath"
-_POLL_MS = 30
-_TORCH_REQUIREMENT = ">=2.2"
+# While a step computes the main thread waits on it for _WAIT_S (the GIL released), then lets Qt idle _POLL_GAP_MS.
+_WAIT_S = 0.05
+_POLL_GAP_MS = 5
+_DEBOUNCE_MS = 300
 _POSITIVE_COLOR = (0.2, 0.85, 0.3)
 _NEGATIVE_COLOR = (0.95, 0.25, 0.2)
 _MARKUPS = slicer.vtkMRMLMarkupsNode
+# Placing, dropping and deleting a point update at once; other moves (Markups table, scripts) after a pause.
 _POINT_EVENTS = (_MARKUPS.PointPositionDefinedEvent, _MARKUPS.PointEndInteractionEvent, _MARKUPS.PointRemovedEvent)
+_POINT_MOVED_EVENT = _MARKUPS.PointModifiedEvent
+_TRANSFORM_EVENT = slicer.vtkMRMLTransformableNode.TransformModifiedEvent
 # How the panel and the status line name the bundled model, wherever they say which weights are in use.
 _DEMO_LABEL = "DEMO model — trained on phantoms, not for clinical use"
+# Parameter node fields that hold nodes; each has a selector named <field>Selector in the .ui file.
+_NODE_PARAMETERS = ("inputVolume", "roi", "positivePoints", "negativePoints", "segmentation")
 
 
-class InstallError(RuntimeError):
-    """A dependency could not be installed; the message says what to do (restart, install by hand)."""
+def __getattr__(name: str):
+    """``SegVolGRU.InstallError`` is the engine's, which loads on first use, not when Slicer imports this file."""
+    if name == "InstallError":
+        from segvolgru.errors import InstallError
+
+        return InstallError
+    raise AttributeError(name)
 
 
-def _downloadInto(future: concurrent.futures.Future) -> None:
-    """Weights download thread: no Qt and no progress bars, as only the main thread may write the console."""
-    try:
-        from segvolgru.weights import download_official_weights
+def versionProblem() -> str | None:
+    """What to upgrade when this Slicer or its Python is older than SegVolGRU needs, else None."""
+    from segvolgru.slicer_bridge.requirements import version_problem
 
-        future.set_result(download_official_weights(progress=False))
-    except Exception as error:
-        future.set_exception(error)
+    return version_problem(sys.version_info, (int(slicer.app.majorVersion), int(slicer.app.minorVersion)))
 
 
 #
@@ -79,9 +83,14 @@ class SegVolGRU(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Interactive 3D segmentation with the SegVol foundation model: draw a box (ROI), then refine with "
             "positive and negative clicks; a GRU correction carries the click history. Results go into the "
-            "selected segment through the Segment Editor, so its masking settings and undo apply. "
-            "See the README for a tutorial and for running the tests."
+            "selected segment with the Segment Editor's masking settings (editable area, intensity range, "
+            "overwrite). Undo and Redo in this panel (Ctrl+Z, Ctrl+Y or Ctrl+Shift+Z) undo every SegVolGRU step: "
+            "box, clicks, Clear and Reset prompts. See docs/slicer.md for a walkthrough."
         )
+        problem = versionProblem()
+        if problem:
+            logging.error("SegVolGRU: %s", problem)
+            self.parent.helpText = problem + "\n\n" + self.parent.helpText
         self.parent.acknowledgementText = _(
             "SegVol: Du Y. et al., 'SegVol: Universal and Interactive Volumetric Medical Image Segmentation', "
             "NeurIPS 2024 (BAAI-DCAI/SegVol; check the weights' licence before use). The stateful GRU click "
@@ -97,12 +106,8 @@ class SegVolGRU(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class SegVolGRUParameterNode:
-    """Per-scene state of the panel (saved with the scene).
-
-    inputVolume: volume to segment. roi: box prompt. positivePoints / negativePoints: click lists.
-    segmentation: output. textPrompt: optional organ name (models with a text tower). autoUpdate: refine on
-    every placed or moved click. useGru: the GRU click correction.
-    """
+    """Per-scene state of the panel (saved with the scene): the volume, the box, the click lists, the output,
+    an optional organ name (models with a text tower), refining on every click, and the GRU correction."""
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     roi: slicer.vtkMRMLMarkupsROINode
@@ -120,10 +125,10 @@ class SegVolGRUParameterNode:
 
 
 class SegVolGRUWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: binds widgets to the parameter node, observes the point lists and calls the Logic.
+    """The panel: binds widgets to the parameter node, observes the prompts and calls the Logic.
 
     Point-list observers and keyboard shortcuts exist only while the panel is shown (enter to exit), so
-    clicks placed from other modules never start a prediction.
+    clicks placed from other modules never start a prediction. Nothing is added to the scene until the user acts.
     """
 
     def __init__(self, parent=None) -> None:
@@ -132,9 +137,10 @@ class SegVolGRUWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._observedPoints = []
+        self._observed = []
         self._shortcuts = []
         self._shown = False
+        self._updateTimer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -144,15 +150,15 @@ class SegVolGRUWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SegVolGRULogic()
         self.logic.statusCallback = self.showStatus
+        self.logic.segmentCallback = self.onLogicSelectedSegment
 
         self.ui.roiPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
         for placeWidget in (self.ui.positivePlaceWidget, self.ui.negativePlaceWidget):
             placeWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
-        self.ui.roiSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.roiPlaceWidget.setCurrentNode)
-        self.ui.positivePointsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onPointListsChanged)
-        self.ui.negativePointsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onPointListsChanged)
-        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
-                                             self.ui.segmentSelectorWidget.setCurrentNode)
+        # The panel's segmentation selector is the only one: the segment selector's own would be synced one way.
+        self.ui.segmentSelectorWidget.segmentationNodeSelectorVisible = False
+        for name in _NODE_PARAMETERS:
+            getattr(self.ui, f"{name}Selector").connect("currentNodeChanged(vtkMRMLNode*)", self.onSelectorChanged)
         self.ui.segmentSelectorWidget.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.newSegmentButton.connect("clicked(bool)", self.onNewSegment)
@@ -160,36 +166,51 @@ class SegVolGRUWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                (self.ui.resetPromptsButton, self.logic.resetPrompts),
                                (self.ui.clearSegmentButton, self.logic.clearSegment)):
             button.connect("clicked(bool)", lambda checked=False, action=action: self.run(
-                lambda: action(self._parameterNode)))
+                lambda: action(self._parameterNode), needsModel=False))
         self.ui.deviceComboBox.addItems(["auto", "cpu", "cuda"])
         self.ui.deviceComboBox.setCurrentText(self.logic.device)
         self.ui.deviceComboBox.connect("currentTextChanged(QString)", self.onDeviceChanged)
         self.ui.settingsCollapsibleButton.connect("contentsCollapsed(bool)", lambda _c: self.updateWeightsStatus())
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
         self.ui.useLocalWeightsButton.connect("clicked(bool)", self.onUseLocalWeights)
+        self._updateTimer = qt.QTimer()
+        self._updateTimer.setSingleShot(True)
+        self._updateTimer.setInterval(_DEBOUNCE_MS)
+        self._updateTimer.connect("timeout()", self.onPromptsMoved)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.initializeParameterNode(createPrompts=False)
+        # A closed scene stays empty: the parameter node comes back with the user's next selection.
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.updateButtons)
+        self.updateButtons()
         self.updateWeightsStatus()
 
     def cleanup(self) -> None:
-        self._stopObservingPoints()
+        """Module unload or reload: never waits for a running prediction, whose result is then dropped."""
+        if self._updateTimer is not None:
+            self._updateTimer.stop()
+        self._stopObservingPrompts()
         self.removeObservers()
         if self.logic is not None:
+            self.logic.statusCallback = logging.info
+            self.logic.segmentCallback = None
             self.logic.shutdown()
 
     def enter(self) -> None:
         self._shown = True
-        self.initializeParameterNode()
+        # Bind to the scene's parameter node when there is one; otherwise the first selection creates it.
+        existing = self.logic.existingParameterNode()
+        if existing is not None:
+            self.setParameterNode(existing)
         # Scoped to the panel: with the main window as parent, Ctrl+Z / Ctrl+Y would clash with Edit > Undo/Redo.
         for keys, slot in (("Ctrl+Return", self.onSegmentButton),
-                           ("Ctrl+Z", lambda: self.run(lambda: self.logic.undo(self._parameterNode))),
-                           ("Ctrl+Y", lambda: self.run(lambda: self.logic.redo(self._parameterNode)))):
+                           ("Ctrl+Z", self.ui.undoButton.click),
+                           ("Ctrl+Y", self.ui.redoButton.click),
+                           ("Ctrl+Shift+Z", self.ui.redoButton.click)):
             shortcut = qt.QShortcut(qt.QKeySequence(keys), self.parent)
             shortcut.setContext(qt.Qt.WidgetWithChildrenShortcut)
             shortcut.connect("activated()", slot)
             self._shortcuts.append(shortcut)
+        self.observePrompts()
 
     def exit(self) -> None:
         self._shown = False
@@ -197,47 +218,51 @@ class SegVolGRUWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             shortcut.disconnect("activated()")
             shortcut.setParent(None)
         self._shortcuts = []
-        self._stopObservingPoints()
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
+        self._updateTimer.stop()
+        self._stopObservingPrompts()
+        self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.logic.forgetWorkflow()
         self.setParameterNode(None)
 
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self, createPrompts: bool = True) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-        if createPrompts:
-            self.logic.ensurePromptNodes(self._parameterNode)
-            self.onPointListsChanged()
+    def _ensureParameterNode(self):
+        """The parameter node, created and bound at the user's first selection, keeping what they selected."""
+        if self._parameterNode is None and self._shown:
+            parameterNode = self.logic.getParameterNode()
+            for name in _NODE_PARAMETERS:
+                node = getattr(self.ui, f"{name}Selector").currentNode()
+                if node is not None:
+                    setattr(parameterNode, name, node)
+            self.setParameterNode(parameterNode)
+        return self._parameterNode
 
     def setParameterNode(self, parameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
-            self.onPointListsChanged()
             self.ui.segmentSelectorWidget.setCurrentNode(self._parameterNode.segmentation)
-        else:
-            self._stopObservingPoints()
+        self.observePrompts()
         self.updateButtons()
+
+    def onSelectorChanged(self, node=None) -> None:
+        if node is not None:
+            self._ensureParameterNode()
+        self.ui.roiPlaceWidget.setCurrentNode(self.ui.roiSelector.currentNode())
+        self.ui.segmentSelectorWidget.setCurrentNode(self.ui.segmentationSelector.currentNode())
+        self.observePrompts()
 
     def updateButtons(self, caller=None, event=None) -> None:
         node = self._parameterNode
-        ready = bool(node and node.inputVolume and node.roi and node.segmentation)
+        ready = bool(node and node.inputVolume)
         self.ui.segmentButton.enabled = ready
         self.ui.segmentButton.toolTip = _("Run SegVol on the box and apply the clicks not applied yet (Ctrl+Enter in "
-                                          "the panel).") if ready else _("Select a volume, an ROI and an output first.")
+                                          "the panel).") if ready else _("Select the volume to segment first.")
         for button in (self.ui.undoButton, self.ui.redoButton, self.ui.resetPromptsButton, self.ui.clearSegmentButton):
             button.enabled = bool(node and node.inputVolume and node.segmentation)
         self.updateTextPrompt()
@@ -248,44 +273,63 @@ class SegVolGRUWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.textPromptLineEdit.toolTip = _("Organ name (e.g. liver), used with the box.") if available else _(
             "The DEMO model (or the loaded one) has no text tower: use box and clicks, or the official weights.")
 
-    def _stopObservingPoints(self) -> None:
-        for observed in self._observedPoints:
-            for event in _POINT_EVENTS:
-                self.removeObserver(observed, event, self.onPointsEdited)
-        self._observedPoints = []
+    def _stopObservingPrompts(self) -> None:
+        for node, event, method in self._observed:
+            self.removeObserver(node, event, method)
+        self._observed = []
 
-    def onPointListsChanged(self, node=None) -> None:
-        """Observe the lists the selectors show now: a selector's signal comes before the parameter node
-        binding has stored the new list, so the parameter node may still name the old one."""
-        self._stopObservingPoints()
-        pairs = ((self.ui.positivePointsSelector.currentNode(), self.ui.positivePlaceWidget, _POSITIVE_COLOR),
+    def observePrompts(self) -> None:
+        """Observe the lists, the ROI and the volume the selectors show now: a selector's signal comes before the
+        parameter node binding has stored the new node, so the parameter node may still name the old one."""
+        from segvolgru.slicer_bridge import color_points
+
+        self._stopObservingPrompts()
+        lists = ((self.ui.positivePointsSelector.currentNode(), self.ui.positivePlaceWidget, _POSITIVE_COLOR),
                  (self.ui.negativePointsSelector.currentNode(), self.ui.negativePlaceWidget, _NEGATIVE_COLOR))
-        for points, placeWidget, color in pairs:
+        moved = [self.ui.roiSelector.currentNode(), self.ui.inputVolumeSelector.currentNode()]
+        for points, placeWidget, color in lists:
             placeWidget.setCurrentNode(points)
-            if points is None or not self._shown:
-                continue
-            SegVolGRULogic.colorPoints(points, color)
-            for event in _POINT_EVENTS:
-                self.addObserver(points, event, self.onPointsEdited)
-            self._observedPoints.append(points)
+            if points is not None and self._shown:
+                color_points(points, color)
+                self._observed += [(points, event, self.onPointsEdited) for event in _POINT_EVENTS]
+                self._observed.append((points, _POINT_MOVED_EVENT, self.onPromptMoved))
+                moved.append(points)
+        self._observed += [(n, _TRANSFORM_EVENT, self.onPromptMoved) for n in moved if n is not None and self._shown]
+        for node, event, method in self._observed:
+            self.addObserver(node, event, method)
 
     def onPointsEdited(self, caller, event) -> None:
         if self._parameterNode and self._parameterNode.autoUpdate and not self.logic.applying:
-            self.run(lambda: self.logic.syncClicks(self._parameterNode))
+            self.run(lambda: self.logic.syncClicks(self._parameterNode), mayInstall=False)
+
+    def onPromptMoved(self, caller=None, event=None) -> None:
+        """A point moved without an end of interaction, or a transform changed: update after a pause."""
+        if self._parameterNode and self._parameterNode.autoUpdate and not self.logic.applying:
+            self._updateTimer.start()
+
+    def onPromptsMoved(self) -> None:
+        if self._parameterNode and self._shown:
+            self.run(lambda: self.logic.update(self._parameterNode), mayInstall=False)
 
     def onSegmentChanged(self, segmentId) -> None:
         if segmentId and self._parameterNode and self._parameterNode.inputVolume:
             self.run(lambda: self.logic.selectSegment(self._parameterNode, segmentId), needsModel=False)
 
+    def onLogicSelectedSegment(self, segmentId: str) -> None:
+        """An undo or redo selected the segment it acted on."""
+        if self.ui.segmentSelectorWidget.currentSegmentID() != segmentId:
+            self.ui.segmentSelectorWidget.setCurrentSegmentID(segmentId)
+
     def onNewSegment(self) -> None:
         def create():
-            segmentId = self.logic.newSegment(self._parameterNode)
+            segmentId = self.logic.newSegment(self._ensureParameterNode())
+            self.ui.segmentSelectorWidget.setCurrentNode(self._parameterNode.segmentation)
             self.ui.segmentSelectorWidget.setCurrentSegmentID(segmentId)
 
         self.run(create, needsModel=False)
 
     def onSegmentButton(self) -> None:
-        self.run(lambda: self.logic.segment(self._parameterNode))
+        self.run(lambda: self.logic.segment(self._ensureParameterNode()))
 
     def onDeviceChanged(self, device) -> None:
         self.run(lambda: self.logic.setDevice(device), needsModel=False)
@@ -297,7 +341,7 @@ class SegVolGRUWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = qt.QFileDialog.getOpenFileName(self.parent, _("SegVol weights file"), "",
                                               _("Weights (*.bin *.pt *.pth *.safetensors);;All files (*)"))
         if path:
-            self.run(lambda: self.logic.useLocalWeights(path))
+            self.run(lambda: self.logic.useLocalWeights(path), needsModel=False)
 
     def updateWeightsStatus(self) -> None:
         self.ui.weightsStatusLabel.text = self.logic.weightsStatus()
@@ -310,17 +354,20 @@ class SegVolGRUWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.showStatusMessage(message, 5000)
         self.updateTextPrompt()
 
-    def run(self, action, needsModel: bool = True) -> None:
-        """Run a user action; any error is shown in the panel and a dialog, its traceback in the log. Actions that
-        predict first make sure torch and the other packages are installed (asking first)."""
+    def run(self, action, needsModel: bool = True, mayInstall: bool = True) -> None:
+        """Run a user action, showing any error. Predictions first set up the packages (asking), except from
+        markups callbacks (``mayInstall`` False), which never open that dialog."""
         from segvolgru.errors import SegVolGRUError
 
         try:
+            if needsModel and not mayInstall and not self.logic.requirementsChecked:
+                self.showStatus(_("Press Segment once first: it sets up the Python packages SegVolGRU needs."))
+                return
             if needsModel:
                 self.logic.setupPythonRequirements()
             action()
         except Exception as error:
-            expected = isinstance(error, (SegVolGRUError, InstallError, ValueError, TimeoutError))
+            expected = isinstance(error, (SegVolGRUError, ValueError, TimeoutError))
             logging.log(logging.WARNING if expected else logging.ERROR, "SegVolGRU: %s", error, exc_info=True)
             message = str(error) if expected else _("Unexpected error: {0}: {1}. The details are in the Python "
                                                     "console; please report them.").format(type(error).__name__, error)
@@ -336,91 +383,93 @@ class SegVolGRUWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class SegVolGRULogic(ScriptedLoadableModuleLogic):
-    """Installs, the worker thread and settings around ``SegmentationWorkflow``, usable without the panel.
-
-    Requests (box, clicks, undo, ...) are queued; each is prepared on the main thread when its turn comes,
-    computed on one worker thread (torch only) and applied on the main thread, so clicks placed while a
-    prediction runs are kept and handled in order. ``statusCallback(message)`` reports each result.
-    """
+    """Installs, settings and the request queue (``segvolgru.slicer_bridge.StepQueue``: prepared on the main thread,
+    computed on one worker thread, applied on the main thread, in order) around ``SegmentationWorkflow``; usable
+    without the panel. ``statusCallback(message)`` reports each result; ``segmentCallback(segmentId)`` says when an
+    undo or redo selected another segment."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.statusCallback = logging.info
+        self.segmentCallback = None
         self.applying = False
         self._workflow = None
         self._workflowKey = None
+        self._generation = 0  # bumped when the model changes: a step computed with the old one is dropped
         self._model = None
         self._modelDescription = ""
-        self._requirementsChecked = False
-        self._executor = None
-        self._queue = collections.deque()
-        self._running = None
+        self.requirementsChecked = False
+        self._steps = None
         self._download = None
         settings = qt.QSettings()
         self.device = str(settings.value(_SETTINGS_DEVICE, "auto"))
         self.weightsPath = str(settings.value(_SETTINGS_WEIGHTS, "")) or None
-        self.lastError = None
 
     def getParameterNode(self):
         return SegVolGRUParameterNode(super().getParameterNode())
 
-    # ---------------------------------------------------------------- dependencies (first use only)
+    def existingParameterNode(self):
+        """The scene's parameter node, or None: unlike ``getParameterNode`` this never adds one."""
+        node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+        return SegVolGRUParameterNode(node) if node is not None else None
+
     def setupPythonRequirements(self, askConfirmation: bool = True) -> None:
-        """torch through the PyTorch extension, then the packages of Resources/requirements.txt. In testing mode
-        nothing is installed: anything missing raises InstallError naming it."""
-        if self._requirementsChecked:
+        """torch through the PyTorch extension, then the packages of Resources/requirements.txt with torch pinned, so
+        pip never replaces PyTorch Utils' torch (``segvolgru.slicer_bridge.requirements``). Tests install nothing:
+        anything missing raises InstallError naming it."""
+        if self.requirementsChecked:
             return
-        testing = slicer.app.testingEnabled()
-        if importlib.util.find_spec("torch") is None:
-            if testing:
-                raise InstallError(_("torch is missing and tests install nothing: install it with PyTorch Utils."))
-            try:
-                import PyTorchUtils
-            except ImportError:
-                raise InstallError(_("torch is not installed and the PyTorch extension is missing: install 'PyTorch' "
-                                     "from the Extensions Manager, restart Slicer and try again.")) from None
-            if not PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                    askConfirmation=askConfirmation, forceComputationBackend="cpu" if self.device == "cpu" else None,
-                    torchVersionRequirement=_TORCH_REQUIREMENT):
-                raise InstallError(_("torch was not installed. Install it from the PyTorch Utils module, then retry."))
-        requirements = self.resourcePath("requirements.txt")
-        with open(requirements, encoding="utf-8") as lines:
-            names = [re.split(r"[<>=!~;\[ ]", line.strip())[0] for line in lines if line.strip()[:1] not in ("", "#")]
-        # Import names equal the distribution names here; versions are left to pip_ensure.
-        missing = [name for name in names if importlib.util.find_spec(name.replace("-", "_")) is None]
-        if missing and testing:
-            raise InstallError(_("Python packages {0} are missing and tests do not install packages: run "
-                                 "slicer.util.pip_install('-r {1}') first.").format(", ".join(missing), requirements))
+        from segvolgru.errors import InstallError
+        from segvolgru.slicer_bridge.requirements import ensure_requirements
+
+        problem = versionProblem()
+        if problem:
+            raise InstallError(problem)
         try:
-            try:
-                import slicer.packaging as packaging  # Slicer 5.10 and later
-            except ImportError:
-                packaging = None
-            if packaging is not None and hasattr(packaging, "pip_ensure"):
-                packaging.pip_ensure(packaging.load_requirements(requirements), requester="SegVolGRU")
-            elif missing:
-                if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                        _("SegVolGRU needs these Python packages: {0}. Install them now?").format(", ".join(missing))):
-                    raise InstallError(_("The required Python packages were not installed."))
-                slicer.util.pip_install(["-r", requirements])
-        except InstallError:
-            raise
-        except Exception as error:
-            raise InstallError(_("Installing Python packages failed or was declined ({0}). Check the network, or "
-                                 "run slicer.util.pip_install('-r {1}') in the Python console, then restart Slicer.")
-                               .format(error, requirements)) from error
-        self._requirementsChecked = True
+            import slicer.packaging as packaging  # Slicer 5.12 and later
+        except ImportError:
+            packaging = None
+        pipEnsure = None if packaging is None or not hasattr(packaging, "pip_ensure") else (
+            lambda path, constraints: packaging.pip_ensure(packaging.load_requirements(path), constraints=constraints,
+                                                           requester="SegVolGRU"))
+        ensure_requirements(
+            self.resourcePath("requirements.txt"), testing=slicer.app.testingEnabled(),
+            install_torch=lambda requirement: self._installTorch(requirement, askConfirmation),
+            torch_version=lambda: __import__("torch").__version__, pip_ensure=pipEnsure,
+            pip_install=slicer.util.pip_install, temporary_folder=slicer.app.temporaryPath,
+            confirm=slicer.util.confirmOkCancelDisplay if askConfirmation else None)
+        self.requirementsChecked = True
+
+    def _installTorch(self, requirement: str, askConfirmation: bool) -> bool:
+        try:
+            import PyTorchUtils
+        except ImportError:
+            from segvolgru.errors import InstallError
+
+            raise InstallError(_("torch is not installed and the PyTorch extension is missing: install 'PyTorch' "
+                                 "from the Extensions Manager, restart Slicer and try again.")) from None
+        return bool(PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=askConfirmation, forceComputationBackend="cpu" if self.device == "cpu" else None,
+            torchVersionRequirement=requirement))
 
     def resourcePath(self, relativePath: str) -> str:
         return os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", relativePath)
 
-    # ---------------------------------------------------------------- settings and model
     def setDevice(self, device: str) -> None:
         """"auto", "cpu" or "cuda"; stored in the application settings. The model moves on its next use."""
         self.device = device
         qt.QSettings().setValue(_SETTINGS_DEVICE, device)
+        self._modelChanged()
+
+    def _modelChanged(self) -> None:
+        """Device or weights changed: a step computing now is dropped, and each segment is replayed with the new
+        model at its next step; the undo history stays."""
         self._model = None
-        self.forgetWorkflow()
+        self._generation += 1
+        if self._steps is not None:
+            self._steps.forget()
+        if self._workflow is not None:
+            self._workflow.set_model(self.loadModel)
 
     def sessionSettings(self, parameterNode) -> dict:
         """Session settings from the panel: GRU on/off and the text prompt (dropped for a model without text)."""
@@ -461,27 +510,26 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
     def downloadOfficialWeights(self) -> None:
         """Download the official release (SHA-256 checked) on a thread while the main thread shows the elapsed
         time. Cancel stops the wait, not the download: Download again waits for the same one."""
+        from segvolgru.weights import download_in_background
+
         if self._download is None or (self._download.done() and self._download.exception() is not None):
-            self._download = concurrent.futures.Future()
-            threading.Thread(target=_downloadInto, args=(self._download,), name="SegVolGRU-download",
-                             daemon=True).start()
-        future = self._download
+            self._download = download_in_background()
         progress = slicer.util.createProgressDialog(maximum=0, windowTitle="SegVolGRU",
                                                     windowModality=qt.Qt.WindowModal)
         started = time.monotonic()
         try:
-            while not future.done():
-                if progress.wasCanceled:
-                    self.statusCallback(_("Stopped waiting; the download goes on: press Download again to use it."))
-                    return
-                seconds = int(time.monotonic() - started)
-                progress.labelText = _("Downloading the SegVol weights (700 MB): {0} s").format(seconds)
-                slicer.app.processEvents(qt.QEventLoop.AllEvents, _POLL_MS)
-                time.sleep(_POLL_MS / 1000)
+            while not self._download.done() and not progress.wasCanceled:
+                progress.labelText = _("Downloading the SegVol weights (700 MB): {0} s").format(
+                    int(time.monotonic() - started))
+                slicer.app.processEvents()
+                concurrent.futures.wait([self._download], timeout=_WAIT_S)
         finally:
             progress.close()
-        self._download = None
-        self.useLocalWeights(str(future.result()))
+        if not self._download.done():
+            self.statusCallback(_("Stopped waiting; the download goes on: press Download again to use it."))
+            return
+        path, self._download = self._download.result(), None
+        self.useLocalWeights(str(path))
         self.statusCallback(_("Official SegVol weights downloaded and checked."))
 
     def useLocalWeights(self, path: str) -> None:
@@ -490,8 +538,7 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
         verify_weights(path)
         self.weightsPath = path
         qt.QSettings().setValue(_SETTINGS_WEIGHTS, path)
-        self._model = None
-        self.forgetWorkflow()
+        self._modelChanged()
 
     def loadModel(self):
         """The model for the current weights and device: official weights when found, else the DEMO model.
@@ -500,52 +547,43 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
         """
         if self._model is not None:
             return self._model
-        import segvolgru
         from segvolgru.device import resolve_device
+        from segvolgru.weights import pick_model
 
         # Plain strings here: this runs off the main thread, where Qt's translator must not be called.
-        device = str(resolve_device(self.device))
-        path = self._weightsFile()
-        if path is not None:
-            self._modelDescription = f"SegVol weights {os.path.basename(str(path))}"
-        else:
-            path = segvolgru.demo_model_path()  # WeightsError saying what to do when it is missing
-            self._modelDescription = _DEMO_LABEL
-        self._model = segvolgru.load_model(path, device=device)
+        loaded = pick_model(self._weightsFile(), device=str(resolve_device(self.device)))
+        self._model, self._modelDescription = loaded.model, loaded.description
         return self._model
 
-    # ---------------------------------------------------------------- workflow
     def forgetWorkflow(self) -> None:
-        """Drop the workflow and the waiting requests; a step computing now is dropped when it finishes."""
-        self._queue.clear()
-        self._workflow = None
-        self._workflowKey = None
+        """Drop the workflow (and its undo history) and the waiting requests; a running step is dropped too."""
+        if self._steps is not None:
+            self._steps.forget()
+        if self._workflow is not None and slicer.mrmlScene is self._workflow.scene:
+            self._workflow.close()
+        self._workflow, self._workflowKey = None, None
 
     def workflow(self, parameterNode):
         """The workflow for the panel's volume and segmentation (a new one when either changed)."""
         from segvolgru.errors import InputError
-        from segvolgru.slicer_bridge import SegmentationWorkflow, create_segment_editor
+        from segvolgru.slicer_bridge import SegmentationWorkflow
 
         volume, segmentation = parameterNode.inputVolume, parameterNode.segmentation
         if volume is None:
             raise InputError(_("No input volume: select the volume to segment first."))
         if segmentation is None:
-            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} SegVolGRU")
+            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                              f"{volume.GetName()} SegVolGRU")
             segmentation.CreateDefaultDisplayNodes()
             segmentation.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
             parameterNode.segmentation = segmentation
         key = (volume.GetID(), segmentation.GetID())
         if self._workflow is None or key != self._workflowKey:
-            # Share the Segment Editor module's node, so its masking settings apply to SegVolGRU's writes too.
-            editorNode = slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
-            if editorNode is None:
-                editorNode = slicer.vtkMRMLSegmentEditorNode()
-                editorNode.SetSingletonTag("SegmentEditor")
-                editorNode = slicer.mrmlScene.AddNode(editorNode)
-            editor = create_segment_editor(slicer.mrmlScene, segmentation, volume, editorNode,
-                                           slicer.app.applicationLogic())
-            self._workflow = SegmentationWorkflow(slicer.mrmlScene, volume, segmentation, editor, self.loadModel,
-                                                  settings=self.sessionSettings(parameterNode))
+            self.forgetWorkflow()
+            self._workflow = SegmentationWorkflow.open(
+                slicer.mrmlScene, volume, segmentation, self.loadModel, app_logic=slicer.app.applicationLogic(),
+                settings=self.sessionSettings(parameterNode),
+                masking_from=lambda: slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode"))
             self._workflowKey = key
         elif self._workflow.settings != self.sessionSettings(parameterNode):
             self._workflow.set_settings(self.sessionSettings(parameterNode))
@@ -558,34 +596,26 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
                                           ("negativePoints", "vtkMRMLMarkupsFiducialNode", "SegVolGRU -")):
             if not getattr(parameterNode, name):
                 setattr(parameterNode, name, slicer.mrmlScene.AddNewNodeByClass(className, nodeName))
-        self.colorPoints(parameterNode.positivePoints, _POSITIVE_COLOR)
-        self.colorPoints(parameterNode.negativePoints, _NEGATIVE_COLOR)
+        from segvolgru.slicer_bridge import color_points
 
-    @staticmethod
-    def colorPoints(points, color) -> None:
-        points.CreateDefaultDisplayNodes()
-        display = points.GetDisplayNode()
-        display.SetSelectedColor(*color)
-        display.SetColor(*color)
+        color_points(parameterNode.positivePoints, _POSITIVE_COLOR)
+        color_points(parameterNode.negativePoints, _NEGATIVE_COLOR)
 
     def segment(self, parameterNode) -> None:
         """The Segment button: the box when it moved (or never ran), then every click not applied yet, so it
         also catches up on clicks placed with auto-update off."""
+        self.ensurePromptNodes(parameterNode)
         self.submit(lambda: self._boxOrPendingStep(parameterNode))
         self.syncClicks(parameterNode)
 
-    def _boxOrPendingStep(self, parameterNode):
-        from segvolgru.slicer_bridge import roi_to_box_kji
+    def update(self, parameterNode) -> None:
+        """After moves and transform changes: what Segment does, once the segment has a box."""
+        if self._workflow is not None and any(p["type"] == "box" for p in self._workflow.prompts()):
+            self.segment(parameterNode)
 
-        workflow = self.workflow(parameterNode)
-        boxes = [prompt["box"] for prompt in workflow.prompts() if prompt["type"] == "box"]
-        roi = parameterNode.roi
-        if roi is None or not boxes or list(roi_to_box_kji(roi, workflow.volume_node)) != list(boxes[-1]):
-            return workflow.box_step(roi)
-        step = workflow.sync_step(parameterNode.positivePoints, parameterNode.negativePoints)
-        if step is None and workflow.mask() is None:
-            # Settings changed (GRU, text) or the scene was reopened: rebuild from the stored prompts.
-            step = workflow.replay_step()
+    def _boxOrPendingStep(self, parameterNode):
+        step = self.workflow(parameterNode).segment_step(parameterNode.roi, parameterNode.positivePoints,
+                                                         parameterNode.negativePoints)
         if step is None:
             self.statusCallback(_("Nothing new to segment: move the box or place a click."))
         return step
@@ -595,6 +625,7 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
                                                                  parameterNode.negativePoints), coalesce="sync")
 
     def undo(self, parameterNode) -> None:
+        """Undo the last step (box, clicks, Clear or Reset prompts) of this volume and segmentation."""
         self.submit(lambda: self.workflow(parameterNode).undo_step())
 
     def redo(self, parameterNode) -> None:
@@ -609,11 +640,13 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
         return self.workflow(parameterNode).new_segment()
 
     def resetPrompts(self, parameterNode) -> None:
+        """Forget the segment's prompts and remove their points; the voxels stay. Undo brings them back."""
         self.waitForIdle()
         self._guarded(self.workflow(parameterNode).reset_prompts)
-        self.statusCallback(_("Prompts cleared; the segment keeps its voxels."))
+        self.statusCallback(_("Prompts cleared; the segment keeps its voxels (Undo brings the prompts back)."))
 
     def clearSegment(self, parameterNode) -> None:
+        """Empty the segment and forget its prompts, as one step that Undo reverts."""
         self.waitForIdle()
         self.statusCallback(self._guarded(self.workflow(parameterNode).clear_segment).message)
 
@@ -625,79 +658,58 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
         finally:
             self.applying = False
 
-    # ---------------------------------------------------------------- queue and worker thread
     def submit(self, request, coalesce: str | None = None) -> None:
         """Queue ``request`` (main thread; returns a workflow Step or None) and start it when the worker is free.
         With ``coalesce``, a request of that kind already waiting is not queued twice (one sync covers all)."""
-        if coalesce is not None and any(kind == coalesce for kind, _ in self._queue):
-            return
-        self._queue.append((coalesce, request))
-        if self._running is None:
-            self._startNext()
+        if self._steps is None:
+            from segvolgru.slicer_bridge import StepQueue
 
-    def _startNext(self) -> None:
-        while self._queue and self._running is None:
-            _, request = self._queue.popleft()
+            self._steps = StepQueue(
+                self._applyStep, is_current=lambda owner: owner == (self._workflow, self._generation),
+                on_started=self._stepStarted, on_dropped=self._stepDropped, on_error=self._report,
+                schedule=lambda seconds, poll: qt.QTimer.singleShot(int(seconds * 1000), poll),
+                poll_gap_seconds=_POLL_GAP_MS / 1000, wait_seconds=_WAIT_S)
+
+        def prepare():
             step = request()
-            if step is None:
-                continue
-            if self._executor is None:
-                # One long-lived thread keeps CUDA's per-thread caches warm between clicks.
-                self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="SegVolGRU")
             # Every request prepares its step through workflow(), so self._workflow is the one it belongs to.
-            self._running = (self._workflow, step, self._executor.submit(step.compute))
-            self.statusCallback(_("{0}: predicting...").format(step.action))
-            qt.QTimer.singleShot(_POLL_MS, self._poll)
+            return None if step is None else ((self._workflow, self._generation), step)
 
-    def _poll(self) -> None:
-        workflow, step, future = self._running
-        if not future.done():
-            qt.QTimer.singleShot(_POLL_MS, self._poll)
-            return
-        self._running = None
-        try:
-            if workflow is not self._workflow:
-                # Volume, segmentation, device or weights changed meanwhile: its nodes may be gone, so drop it.
-                self.statusCallback(_("{0}: result dropped, because the volume, segmentation, device or weights "
-                                      "changed while it was computed.").format(step.action))
-            else:
-                status = self._guarded(lambda: workflow.apply(step))
-                self.statusCallback(f"{status.message} [{self._modelDescription}]")
-        except Exception as error:
-            self._report(error)
-        try:
-            self._startNext()
-        except Exception as error:
-            self._report(error)
+        self._steps.submit(prepare, coalesce)
+
+    def _stepStarted(self, step) -> None:
+        self.statusCallback(_("{0}: predicting...").format(step.action))
+
+    def _stepDropped(self, step) -> None:
+        self.statusCallback(_("{0}: result dropped, because the volume, segmentation, device or weights changed "
+                              "while it was computed.").format(step.action))
+
+    def _applyStep(self, owner, step) -> None:
+        workflow = owner[0]
+        selected = workflow.segment_id
+        status = self._guarded(lambda: workflow.apply(step))
+        self.statusCallback(f"{status.message} [{self._modelDescription}]")
+        if workflow.segment_id != selected and self.segmentCallback is not None:
+            self.segmentCallback(workflow.segment_id)
 
     def _report(self, error: Exception) -> None:
-        """A failed request: later ones were built on it, so drop them; show it; waitForIdle re-raises it."""
-        self._queue.clear()
-        self.lastError = error
+        """A failed request (later ones were built on it and are dropped): shown; waitForIdle re-raises it."""
         logging.error("SegVolGRU: %s", error, exc_info=error)
         self.statusCallback(str(error))
         if not slicer.app.testingEnabled():
             slicer.util.errorDisplay(str(error), windowTitle="SegVolGRU")
 
     def waitForIdle(self, timeoutSeconds: float = 600.0) -> None:
-        """Process events until every queued request is applied (scripts, tests and segment switches)."""
-        timer = qt.QElapsedTimer()
-        timer.start()
-        while self._running is not None or self._queue:
-            if timer.elapsed() > timeoutSeconds * 1000:
-                raise TimeoutError(_("SegVolGRU is still predicting after {0} s.").format(timeoutSeconds))
-            if self._running is None:
-                self._startNext()
-            slicer.app.processEvents(qt.QEventLoop.AllEvents, _POLL_MS)
-        error, self.lastError = self.lastError, None
-        if error is not None:
-            raise error
+        """Apply every queued request before returning (scripts, tests and segment switches); raises the first
+        error reported meanwhile. Waits on the running step with the GIL released, processing events between."""
+        if self._steps is not None:
+            self._steps.wait_idle(timeoutSeconds, lambda: slicer.app.processEvents())
 
     def shutdown(self) -> None:
-        self._queue.clear()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        """Stop without waiting: a running prediction finishes on its thread and is never applied."""
+        if self._steps is not None:
+            self._steps.shutdown()
+            self._steps = None
 
 
 #
@@ -726,74 +738,63 @@ class SegVolGRUTest(ScriptedLoadableModuleTest):
             except unittest.SkipTest as reason:
                 self.delayDisplay(f"Skipped: {reason}")
 
-    def _scene(self, device: str):
-        """Logic (DEMO model on ``device``), parameter node, volume and IJK-to-RAS matrix of a ball phantom."""
-        from segvolgru.errors import WeightsError
+    def test_panelWorkflowOnGeneratedVolume(self, device: str = "cpu") -> None:
+        """Box, a click applied by Segment, one by a (coalesced) sync, undo/redo of clicks and of Clear."""
+        import numpy as np
+        from segvolgru.errors import InstallError, WeightsError
 
         logic = SegVolGRULogic()
         try:
             logic.setupPythonRequirements(askConfirmation=False)  # tests install nothing: InstallError says what
             import segvolgru
-            path = segvolgru.demo_model_path()  # WeightsError in a build without the DEMO model
+            from segvolgru.slicer_bridge import kji_to_world, new_volume_node, read_segment_mask
+
+            segvolgru.demo_model_path()  # WeightsError in a build without the DEMO model
         except (InstallError, WeightsError) as error:
             raise unittest.SkipTest(str(error)) from None
-        logic.device = device
-        logic._model, logic._modelDescription = segvolgru.load_model(path, device=device), _DEMO_LABEL
-        import numpy as np
-
+        logic.device, logic.weightsPath = device, None
         k, j, i = np.meshgrid(np.arange(24), np.arange(64), np.arange(64), indexing="ij")
         ball = ((k - 12) / 7.0) ** 2 + ((j - 30) / 14.0) ** 2 + ((i - 34) / 16.0) ** 2 < 1
         values = (50 + 900 * ball + np.random.default_rng(0).normal(0, 30, ball.shape)).astype(np.int16)
-        volume = slicer.util.addVolumeFromArray(values, nodeClassName="vtkMRMLScalarVolumeNode", name="phantom")
-        volume.SetSpacing(1.2, 1.2, 2.5)
-        parameterNode = logic.getParameterNode()
-        parameterNode.inputVolume = volume
-        logic.ensurePromptNodes(parameterNode)
-        ijkToRas = vtk.vtkMatrix4x4()
-        volume.GetIJKToRASMatrix(ijkToRas)
-        parameterNode.roi.SetCenter(*ijkToRas.MultiplyPoint([34, 30, 12, 1])[:3])
-        parameterNode.roi.SetSize(45.0, 40.0, 40.0)
-        return logic, parameterNode, volume, ijkToRas
+        volume = new_volume_node(slicer.mrmlScene, values, (1.2, 1.2, 2.5), (0, 0, 0), np.eye(3), "phantom")
+        node = logic.getParameterNode()
+        node.inputVolume = volume
+        logic.ensurePromptNodes(node)
 
-    def test_panelWorkflowOnGeneratedVolume(self, device: str = "cpu") -> None:
-        """Box, a click applied by Segment (as with auto-update off), one by a sync, undo/redo, and a result
-        dropped because its workflow was forgotten while it computed."""
-        import numpy as np
-        from segvolgru.slicer_bridge import read_segment_mask
+        def segment():
+            return read_segment_mask(node.segmentation, logic._workflow.segment_id, volume)
 
-        logic, parameterNode, volume, ijkToRas = self._scene(device)
-        logic.segment(parameterNode)
+        node.roi.SetCenter(*kji_to_world(volume, (12, 30, 34)))
+        node.roi.SetSize(45.0, 40.0, 40.0)
+        logic.segment(node)
         logic.waitForIdle()
-        workflow = logic._workflow
-        segmentId = workflow.segment_id
-        np.testing.assert_array_equal(read_segment_mask(parameterNode.segmentation, segmentId, volume), workflow.mask())
+        np.testing.assert_array_equal(segment(), logic._workflow.mask())
+        afterBox = segment()
 
-        parameterNode.positivePoints.AddControlPointWorld(ijkToRas.MultiplyPoint([34, 30, 12, 1])[:3])
-        logic.segment(parameterNode)  # same box: only the pending click runs
+        node.positivePoints.AddControlPointWorld(list(kji_to_world(volume, (12, 30, 34))))
+        logic.segment(node)  # same box: only the pending click runs
         logic.waitForIdle()
-        parameterNode.negativePoints.AddControlPointWorld(ijkToRas.MultiplyPoint([10, 10, 4, 1])[:3])
-        logic.syncClicks(parameterNode)
-        logic.syncClicks(parameterNode)  # coalesced with the first while it waits
+        node.negativePoints.AddControlPointWorld(list(kji_to_world(volume, (4, 10, 10))))
+        logic.syncClicks(node)
+        logic.syncClicks(node)  # coalesced with the first while it waits
         logic.waitForIdle()
-        self.assertEqual([p["type"] for p in workflow.prompts()], ["box", "click", "click"])
-        clicks = [(p["voxel"], p["positive"]) for p in workflow.prompts() if p["type"] == "click"]
+        clicks = [(p["voxel"], p["positive"]) for p in logic._workflow.prompts() if p["type"] == "click"]
         self.assertEqual(clicks, [([12, 30, 34], True), ([4, 10, 10], False)])
-        afterClicks = read_segment_mask(parameterNode.segmentation, segmentId, volume)
-        np.testing.assert_array_equal(afterClicks, workflow.mask())
+        afterClicks = segment()
+        np.testing.assert_array_equal(afterClicks, logic._workflow.mask())
 
-        logic.undo(parameterNode)
+        logic.undo(node)
+        logic.undo(node)
         logic.waitForIdle()
-        self.assertEqual(parameterNode.negativePoints.GetNumberOfControlPoints(), 0)
-        logic.redo(parameterNode)
+        self.assertEqual([n.GetNumberOfControlPoints() for n in (node.positivePoints, node.negativePoints)], [0, 0])
+        np.testing.assert_array_equal(segment(), afterBox)
+        logic.redo(node)
+        logic.redo(node)
         logic.waitForIdle()
-        np.testing.assert_array_equal(read_segment_mask(parameterNode.segmentation, segmentId, volume), afterClicks)
-
-        messages = []
-        logic.statusCallback = messages.append
-        logic.undo(parameterNode)
-        logic.forgetWorkflow()  # as a device, volume or scene change does while the undo computes
+        np.testing.assert_array_equal(segment(), afterClicks)
+        logic.clearSegment(node)
+        logic.undo(node)
         logic.waitForIdle()
-        self.assertIn("result dropped", messages[-1])
-        np.testing.assert_array_equal(read_segment_mask(parameterNode.segmentation, segmentId, volume), afterClicks)
+        np.testing.assert_array_equal(segment(), afterClicks)
         logic.shutdown()
         self.delayDisplay(f"Panel workflow passed on {device}")

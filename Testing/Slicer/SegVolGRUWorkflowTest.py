@@ -1,6 +1,6 @@
 """SegmentationWorkflow inside the Slicer application: the application's scene and logics, and a scene
-bundle (.mrb) that is saved, reopened and resumed by replay, Slicer's own undo of the workflow's writes, and a
-box with the official weights (skipped when they are not downloaded).
+bundle (.mrb) that is saved, reopened and resumed by replay, the workflow's undo of a Clear while the Segment
+Editor module's node stays untouched, and a box with the official weights (skipped when they are not downloaded).
 
 Runs only inside Slicer (`ctest -R py_SegVolGRUWorkflowTest`, or
 `Slicer --no-main-window --testing --python-script Testing/Slicer/SegVolGRUWorkflowTest.py`); pytest never
@@ -53,11 +53,11 @@ class SegVolGRUWorkflowTest(unittest.TestCase):
         self.model = _tiny_model()
 
     def _workflow(self, segmentation):
-        from segvolgru.slicer_bridge import SegmentationWorkflow, create_segment_editor
+        from segvolgru.slicer_bridge import SegmentationWorkflow
 
-        editor = create_segment_editor(slicer.mrmlScene, segmentation, self.volume,
-                                       app_logic=slicer.app.applicationLogic())
-        return SegmentationWorkflow(slicer.mrmlScene, self.volume, segmentation, editor, self.model)
+        return SegmentationWorkflow.open(
+            slicer.mrmlScene, self.volume, segmentation, self.model, app_logic=slicer.app.applicationLogic(),
+            masking_from=lambda: slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode"))
 
     def _place(self, workflow):
         from segvolgru.slicer_bridge import kji_to_world
@@ -84,25 +84,26 @@ class SegVolGRUWorkflowTest(unittest.TestCase):
         workflow.redo()
         self.assertTrue((read_segment_mask(self.segmentation, workflow.segment_id, self.volume) == after_click).all())
 
-    def test_editor_logic_undo_restores_the_segment_before_the_last_write_and_redo_reapplies_it(self) -> None:
+    def test_undo_restores_a_cleared_segment_and_its_prompts_and_leaves_the_segment_editor_alone(self) -> None:
         import numpy as np
-        from segvolgru.slicer_bridge import read_segment_mask, write_segment_mask
+        from segvolgru.slicer_bridge import read_segment_mask
 
+        slicer.util.selectModule("SegmentEditor")  # its node now exists and edits what the user chose there
+        editorNode = slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+        before = (editorNode.GetSegmentationNode(), editorNode.GetSourceVolumeNode()) if editorNode else None
         workflow = self._workflow(self.segmentation)
-        if workflow.editor_logic is None:
-            self.skipTest("this Slicer has no vtkSlicerSegmentEditorLogic (5.10 and later): writes are not undoable")
-        segment_id = workflow.new_segment("tumour")
-        known = np.zeros((16, 40, 48), np.uint8)
-        known[4:12, 10:30, 12:36] = 1
-        write_segment_mask(self.segmentation, segment_id, known, self.volume, (4, 10, 12, 11, 29, 35),
-                           workflow.editor_logic)
-        workflow.clear_segment()  # one undoable write through the same editor logic
-        self.assertFalse(read_segment_mask(self.segmentation, segment_id, self.volume).any())
-        self.assertTrue(workflow.editor_logic.CanUndo())
-        workflow.editor_logic.Undo()
-        np.testing.assert_array_equal(read_segment_mask(self.segmentation, segment_id, self.volume), known)
-        workflow.editor_logic.Redo()
-        self.assertFalse(read_segment_mask(self.segmentation, segment_id, self.volume).any())
+        _, positive = self._place(workflow)
+        content, prompts = read_segment_mask(self.segmentation, workflow.segment_id, self.volume), workflow.prompts()
+        workflow.clear_segment()
+        self.assertFalse(read_segment_mask(self.segmentation, workflow.segment_id, self.volume).any())
+        self.assertEqual(positive.GetNumberOfControlPoints(), 0)
+        workflow.undo()
+        np.testing.assert_array_equal(read_segment_mask(self.segmentation, workflow.segment_id, self.volume), content)
+        self.assertEqual((workflow.prompts(), positive.GetNumberOfControlPoints()), (prompts, 1))
+        workflow.redo()
+        self.assertFalse(read_segment_mask(self.segmentation, workflow.segment_id, self.volume).any())
+        if before is not None:
+            self.assertEqual((editorNode.GetSegmentationNode(), editorNode.GetSourceVolumeNode()), before)
 
     def test_box_with_the_official_weights_gives_a_non_empty_segment(self) -> None:
         from segvolgru import load_model

@@ -10,37 +10,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .clicks import mask_to_box_kji, simulate_click
 from .metrics import dice
+from .weights import LoadedModel, pick_model  # noqa: F401  (re-exported: the demo's model choice)
 
 SAMPLE_SEED = 20261201
-
-
-@dataclass
-class LoadedModel:
-    model: object
-    description: str
-
-
-def pick_model(weights: str | None = None) -> LoadedModel:
-    """Official weights when present (explicit path, $SEGVOLGRU_WEIGHTS, cache), else the shipped demo model."""
-    from .checkpoint import load_model
-    from .weights import resolve_weights
-
-    path = resolve_weights(weights)
-    if path is not None:
-        model = load_model(path)
-        kind = "project model" if model.checkpoint_format == "segvolgru" else "SegVol weights"
-        return LoadedModel(model, f"{kind} from {path} ({model.checkpoint_format} format)")
-    from .demo_model import demo_model_path
-
-    path = demo_model_path()
-    return LoadedModel(load_model(path), f"shipped DEMO model ({path.name}; trained on phantoms, not for clinical use)")
 
 
 def sample_case(seed: int = SAMPLE_SEED):

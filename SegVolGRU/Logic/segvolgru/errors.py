@@ -15,3 +15,7 @@ class InputError(SegVolGRUError, ValueError):
 
 class WeightsError(SegVolGRUError):
     """Model weights are missing, unreadable, of another model or fail their checksum (exit code 3)."""
+
+
+class InstallError(SegVolGRUError, RuntimeError):
+    """A dependency is missing or could not be installed in Slicer; the message says what to install or upgrade."""

@@ -12,11 +12,14 @@ when a download starts.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
 import re
 import shutil
 import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -309,3 +312,43 @@ def _manual_download_message(
         f"them in {weights_path.parent}, so that the weights are at {weights_path}; "
         f"or set ${WEIGHTS_ENV} to the path of a downloaded {WEIGHTS_FILENAME}."
     )
+
+
+@dataclass
+class LoadedModel:
+    """A model and how the user interface names it (which weights, and a warning for the DEMO model)."""
+
+    model: object
+    description: str
+
+
+def pick_model(weights: str | os.PathLike | None = None, device: str = "cpu") -> LoadedModel:
+    """The model every front end uses: official weights when present (explicit path, $SEGVOLGRU_WEIGHTS, cache),
+    else the shipped demo model. Raises WeightsError when neither can be loaded."""
+    from .checkpoint import load_model
+    from .demo_model import demo_model_path
+
+    path = resolve_weights(weights)
+    if path is not None:
+        model = load_model(path, device=device)
+        kind = "project model" if model.checkpoint_format == "segvolgru" else "SegVol weights"
+        return LoadedModel(model, f"{kind} from {path} ({model.checkpoint_format} format)")
+    path = demo_model_path()
+    return LoadedModel(load_model(path, device=device),
+                       f"shipped DEMO model ({path.name}; trained on phantoms, not for clinical use)")
+
+
+def download_in_background() -> concurrent.futures.Future:
+    """``download_official_weights`` on a daemon thread, without progress bars (only the main thread may write
+    to Slicer's console); the future gives the path or the error."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(download_official_weights(progress=False))
+        except Exception as error:  # handed to whoever waits on the future
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="SegVolGRU-download", daemon=True).start()
+    return future
+

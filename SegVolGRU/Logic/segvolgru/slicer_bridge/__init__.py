@@ -5,6 +5,7 @@ passed in explicitly, so the same code runs inside Slicer and on the ``slicer-co
 """
 from __future__ import annotations
 
+from .click_points import color_points
 from .geometry import (
     ijk_to_world_matrix,
     kji_to_world,
@@ -38,6 +39,7 @@ __all__ = [
     "Step",
     "StepQueue",
     "StepStatus",
+    "color_points",
     "copy_masking",
     "create_segment_editor",
     "ensure_segment",

@@ -63,3 +63,11 @@ def place_points(scene, shown: list[ClickSource | None], wanted: list[ClickSourc
         node.GetNthControlPointPositionWorld(point, position)
         if not np.allclose(position, source.position_world, atol=1e-6):
             node.SetNthControlPointPositionWorld(point, *source.position_world)
+
+
+def color_points(points_node, rgb: tuple[float, float, float]) -> None:
+    """Show a point list in one colour, selected or not (positive and negative clicks stay told apart)."""
+    points_node.CreateDefaultDisplayNodes()
+    display = points_node.GetDisplayNode()
+    display.SetSelectedColor(*rgb)
+    display.SetColor(*rgb)

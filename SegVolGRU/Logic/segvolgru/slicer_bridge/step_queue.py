@@ -56,18 +56,27 @@ class StepQueue:
         on_dropped: ``on_dropped(step)`` when a finished step is dropped.
         on_error: ``on_error(error)`` for a failed preparation or apply. The requests still waiting were built on
             the failed one, so they are dropped; ``wait_idle`` raises the error once.
+        schedule: ``schedule(seconds, callback)`` runs ``callback`` on this thread after ``seconds`` (a Qt
+            single-shot timer); with it the queue polls itself while a step runs: ``poll(wait_seconds)``, then
+            ``poll_gap_seconds`` for the application's events. None: the caller polls.
     """
 
     def __init__(self, apply: Callable[[Any, Computable], None], *,
                  is_current: Callable[[Any], bool] = lambda owner: True,
                  on_started: Callable[[Computable], None] = _ignore,
                  on_dropped: Callable[[Computable], None] = _ignore,
-                 on_error: Callable[[Exception], None] = _ignore) -> None:
+                 on_error: Callable[[Exception], None] = _ignore,
+                 schedule: Callable[[float, Callable[[], None]], None] | None = None,
+                 poll_gap_seconds: float = 0.005, wait_seconds: float = 0.05) -> None:
         self._apply = apply
         self._is_current = is_current
         self._on_started = on_started
         self._on_dropped = on_dropped
         self._on_error = on_error
+        self._schedule = schedule
+        self._poll_gap = poll_gap_seconds
+        self._wait = wait_seconds
+        self._poll_scheduled = False
         self._waiting: collections.deque[tuple[str | None, Callable[[], Prepared | None]]] = collections.deque()
         self._running: _Running | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -122,6 +131,18 @@ class StepQueue:
                 self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="SegVolGRU")
             self._running = _Running(owner, step, self._executor.submit(step.compute))
             self._on_started(step)
+        self._schedule_poll()
+
+    def _schedule_poll(self) -> None:
+        if self._schedule is not None and self._running is not None and not self._poll_scheduled:
+            self._poll_scheduled = True
+            self._schedule(self._poll_gap, self._scheduled_poll)
+
+    def _scheduled_poll(self) -> None:
+        self._poll_scheduled = False
+        if not self._closed:  # a timer that fires after shutdown (a module reload) touches nothing
+            self.poll(self._wait)
+            self._schedule_poll()
 
     def poll(self, wait_seconds: float = 0.0) -> bool:
         """Wait up to ``wait_seconds`` for the running step (the GIL is released meanwhile); apply it when it
@@ -133,6 +154,7 @@ class StepQueue:
         if not running.future.done():
             concurrent.futures.wait([running.future], timeout=max(0.0, wait_seconds))
             if not running.future.done():
+                self._schedule_poll()
                 return True
         self._running = None
         if self._closed:
@@ -149,7 +171,7 @@ class StepQueue:
         return self.busy
 
     def wait_idle(self, timeout_seconds: float, process_events: Callable[[], None] = _ignore,
-                  slice_seconds: float = 0.05) -> None:
+                  slice_seconds: float | None = None) -> None:
         """Run the queue to the end on this thread: wait on each step in slices of ``slice_seconds`` and call
         ``process_events`` between slices (the application's event loop). Raises TimeoutError after
         ``timeout_seconds``, and the first error reported meanwhile (once)."""
@@ -157,7 +179,7 @@ class StepQueue:
         while self.busy and not self._closed:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"SegVolGRU is still predicting after {timeout_seconds:g} s.")
-            self.poll(slice_seconds)
+            self.poll(self._wait if slice_seconds is None else slice_seconds)
             process_events()
         error, self.last_error = self.last_error, None
         if error is not None:

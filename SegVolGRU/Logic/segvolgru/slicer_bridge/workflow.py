@@ -39,7 +39,14 @@ from segvolgru.errors import InputError
 from .click_points import defined_points, place_points
 from .geometry import node_to_world_matrix, roi_to_box_kji
 from .history import History, HistoryEntry, PromptState, VoxelPatch
-from .segment_writer import copy_masking, ensure_segment, read_segment_mask, restore_segment_voxels, write_segment_mask
+from .segment_writer import (
+    copy_masking,
+    create_segment_editor,
+    ensure_segment,
+    read_segment_mask,
+    restore_segment_voxels,
+    write_segment_mask,
+)
 from .steps import ClickSource, PredictionError, Step, StepStatus, click_count, extent_of, Outcome, union_extent
 from .volumes import volume_array_kji, volume_spacing_kji
 
@@ -97,6 +104,26 @@ class SegmentationWorkflow:
         if ids:
             self.segment_id = ids[0]
 
+    @classmethod
+    def open(cls, scene, volume_node, segmentation_node, model, *, app_logic=None, settings=None, cache=None,
+             masking_from: Callable[[], Any] | None = None) -> "SegmentationWorkflow":
+        """A workflow that writes through a private segment editor node of its own (``create_segment_editor``):
+        in Slicer, pass the Segment Editor module's node as ``masking_from``, never as the editor node, so the
+        user's Segment Editor keeps editing what they chose. ``close()`` removes the private node."""
+        editor = create_segment_editor(scene, segmentation_node, volume_node, None, app_logic)
+        try:
+            return cls(scene, volume_node, segmentation_node, editor, model, settings, cache, masking_from)
+        except Exception:
+            if editor is not None:
+                scene.RemoveNode(editor.GetSegmentEditorNode())
+            raise
+
+    def close(self) -> None:
+        """Remove the private segment editor node that ``open`` added to the scene (nothing else is touched)."""
+        editor_node = None if self.editor_logic is None else self.editor_logic.GetSegmentEditorNode()
+        if editor_node is not None and editor_node.GetHideFromEditors() and self.scene.IsNodePresent(editor_node):
+            self.scene.RemoveNode(editor_node)
+
     # ----------------------------------------------------------------- segments
     def select_segment(self, segment: str) -> str:
         """Make the segment with this ID or name the one prompts go to; returns its ID."""
@@ -149,6 +176,14 @@ class SegmentationWorkflow:
         if self._model is None:
             self._model = self._model_source()
         return self._model
+
+    def set_model(self, model) -> None:
+        """Use another model (or model provider): every session is replayed with it at its segment's next step."""
+        self._model_source = model
+        self._model = model if hasattr(model, "parameters") else None
+        for state in self._states.values():
+            state.session = None
+        self.history.drop_sessions()
 
     def set_settings(self, settings: dict[str, Any]) -> None:
         """Change the session settings; each segment's session is replayed with them at its next step."""
@@ -228,7 +263,8 @@ class SegmentationWorkflow:
             if node is None:
                 continue
             for point_id, voxel, position, label in defined_points(node, self.volume_node):
-                current[(node.GetID(), point_id)] = (voxel, positive, ClickSource(node.GetID(), point_id, position, label))
+                source = ClickSource(node.GetID(), point_id, position, label)
+                current[(node.GetID(), point_id)] = (voxel, positive, source)
         count = click_count(state.prompts)
         known = state.sources[:count]
         known_keys = {(s.node_id, s.point_id) for s in known if s is not None}
@@ -267,6 +303,19 @@ class SegmentationWorkflow:
             prompts.append({"type": "click", "voxel": list(voxel), "positive": positive})
             sources.append(source)
         return self._session_step("Moved clicks", segment_id, lambda s: [], sources, prompts)
+
+    def segment_step(self, roi_node, positive_node, negative_node) -> Step | None:
+        """The panel's Segment: the box when the ROI moved (or no box ran yet), else the clicks not applied yet,
+        else, when the session is not in memory (settings changed, scene reopened), a replay of the stored
+        prompts. None when there is nothing to do."""
+        self._current_segment()
+        boxes = [prompt["box"] for prompt in self.prompts() if prompt["type"] == "box"]
+        if roi_node is None or not boxes or list(roi_to_box_kji(roi_node, self.volume_node)) != list(boxes[-1]):
+            return self.box_step(roi_node)
+        step = self.sync_step(positive_node, negative_node)
+        if step is None and self.mask() is None:
+            step = self.replay_step()
+        return step
 
     def undo_step(self) -> Step:
         """Undo the last step of this workflow, whichever segment it was on (that segment becomes the selected
