@@ -26,6 +26,7 @@ from .network import SegVol, build_model
 from .prompts import box_to_zoom_out, points_to_zoom_out
 from .session import InteractiveSession
 from .synthetic_weights import synthetic_state_for
+from .validation import positive_int
 
 
 def ct_like_volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small configuration that runs in seconds")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
     result = run_bench(args.quick, args.device, args.threads)

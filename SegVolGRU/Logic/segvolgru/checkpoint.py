@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from .config import OFFICIAL_CONFIG, SegVolConfig
-from .errors import WeightsError
+from .errors import InputError, WeightsError
+from .files import readable, write_atomic
 from .network import SegVol, build_model
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class Checkpoint:
 
 
 def _weights_file(path: Path) -> Path:
+    hint = "give the path of SegVol_v1.pth, of the BAAI/SegVol pytorch_model.bin, or run 'segvolgru download-weights'"
+    readable(path, "checkpoint", folder=True, error=CheckpointError, hint=hint)
     if path.is_dir():
         for name in _WEIGHT_FILES:
             if (path / name).is_file():
@@ -61,20 +64,21 @@ def _weights_file(path: Path) -> Path:
         raise CheckpointError(
             f"{path} is a folder without a SegVol weights file: expected one of {', '.join(_WEIGHT_FILES)} or a "
             "single .pth file in it")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: give the path of SegVol_v1.pth, of the BAAI/SegVol "
-                              "pytorch_model.bin, or run 'segvolgru download-weights'")
     return path
 
 
 def _read_file(path: Path) -> Any:
+    errors: tuple[type[BaseException], ...] = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
+                                               OSError, ValueError)
     try:
         if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
+            errors += (SafetensorError,)
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except errors as exc:
         size = path.stat().st_size if path.exists() else 0
         raise CheckpointError(
             f"cannot read checkpoint {path} ({size:,} bytes): the file is truncated, corrupted or not a PyTorch / "
@@ -93,8 +97,12 @@ def _is_tensor_dict(obj: Any) -> bool:
 def parse_checkpoint(raw: Any) -> Checkpoint:
     """Recognise the container format and strip its key prefix."""
     if isinstance(raw, dict) and "config" in raw and _is_tensor_dict(raw.get("model")):
-        config = SegVolConfig.from_dict(raw["config"]) if raw["config"] is not None else None
-        return Checkpoint("segvolgru", dict(raw["model"]), config, dict(raw.get("recipe") or {}))
+        config = _stored_config(raw["config"])
+        recipe = raw.get("recipe") or {}
+        if not isinstance(recipe, dict):
+            raise CheckpointError(f"the checkpoint's recipe is a {type(recipe).__name__}, not a dict: the file was "
+                                  "altered; export the model again")
+        return Checkpoint("segvolgru", dict(raw["model"]), config, dict(recipe))
     if isinstance(raw, dict) and _is_tensor_dict(raw.get("model")):
         return Checkpoint("official-pth", _strip(raw["model"], "module."))
     if isinstance(raw, dict) and _is_tensor_dict(raw.get("model_state_dict")):
@@ -108,6 +116,18 @@ def parse_checkpoint(raw: Any) -> Checkpoint:
         f"unrecognised checkpoint container ({kind}{': keys ' + keys if keys else ''}); expected the official "
         "{'model': state_dict} .pth, a Hugging Face state dict with 'model.' keys, {'model_state_dict': ...} "
         "or a segvolgru file {'config': ..., 'model': ...}")
+
+
+def _stored_config(data: Any) -> SegVolConfig | None:
+    if data is None:
+        return None
+    try:
+        if not isinstance(data, dict):
+            raise TypeError(f"a {type(data).__name__}, not a dict")
+        return SegVolConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint's configuration is invalid ({exc}): the file was altered or written "
+                              "by another program; export or download it again") from None
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -163,6 +183,10 @@ def apply_state(model: SegVol, ckpt: Checkpoint, source: str = "checkpoint") -> 
                      "text_encoder.*); give the matching configuration for a project checkpoint.")
         raise CheckpointError("\n".join(lines))
     state = {k: v.to(expected[k].dtype) for k, v in state.items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{source} holds NaN or infinite values in {len(bad)} tensors ({_describe(bad, 4)}): "
+                              "the weights are corrupted or the training diverged; use another checkpoint")
     model.load_state_dict(state, strict=True)
     model.correction_state = correction
 
@@ -170,21 +194,37 @@ def apply_state(model: SegVol, ckpt: Checkpoint, source: str = "checkpoint") -> 
 def load_model(path: str | os.PathLike, config: SegVolConfig | None = None, device: str = "cpu") -> SegVol:
     """Load a SegVol checkpoint into a model in eval mode on ``device`` (default CPU).
 
-    With ``config=None`` a project file's own configuration is used, otherwise the official one.
+    With ``config=None`` a project file's own configuration is used, otherwise the official one. ``device``:
+    "cpu", "cuda", "cuda:N" or "auto". Raises InputError for a bad ``config`` or ``device`` and WeightsError
+    (CheckpointError) for a file that cannot be read, does not fit the model or holds NaN or infinite values.
     """
+    from .device import resolve_device
+
+    if config is not None and not isinstance(config, SegVolConfig):
+        raise InputError(f"config must be a SegVolConfig (e.g. segvolgru.config.OFFICIAL_CONFIG) or None for the "
+                         f"file's own, got {config!r}")
+    target = resolve_device(device)
     ckpt = read_checkpoint(path)
-    model = build_model(config or ckpt.config or OFFICIAL_CONFIG)
+    try:
+        model = build_model(config or ckpt.config or OFFICIAL_CONFIG)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        if config is not None or ckpt.config is None:
+            raise
+        raise CheckpointError(f"the configuration stored in {path} cannot build a model ({exc}): the file was "
+                              "altered or written by another program; export or download it again") from None
     apply_state(model, ckpt, source=str(path))
     model.recipe = ckpt.recipe
     model.checkpoint_format = ckpt.format
     log.info("loaded %s checkpoint %s", ckpt.format, path)
-    return model.to(device).eval()
+    return model.to(target).eval()
 
 
 def save_checkpoint(model: SegVol, path: str | os.PathLike, recipe: dict[str, Any] | None = None,
                     half: bool = False) -> None:
-    """Write the project's format: ``{'config', 'model', 'recipe'}``; ``half`` stores floats as fp16."""
+    """Write the project's format: ``{'config', 'model', 'recipe'}``; ``half`` stores floats as fp16. The file is
+    written atomically (a failed write keeps the previous file)."""
     state = model.state_dict()
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    torch.save({"config": model.config.to_dict(), "model": state, "recipe": recipe or {}}, path)
+    data = {"config": model.config.to_dict(), "model": state, "recipe": recipe or {}}
+    write_atomic(path, lambda temporary: torch.save(data, temporary))

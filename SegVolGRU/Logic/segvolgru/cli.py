@@ -1,7 +1,8 @@
 """The ``segvolgru`` command line: demo, segment, evaluate, evaluate-gru, bench, download-weights, train.
 
-Exit codes: 0 success; 2 bad input or usage; 3 weights missing or invalid; 1 anything unexpected (one line,
-the traceback only with ``--debug``). ``--json`` prints one JSON object as the last stdout line.
+Exit codes: 0 success; 2 bad input or usage (an output that cannot be written, an evaluation where every case
+failed); 3 weights missing or invalid; 1 anything unexpected (one line, the traceback only with ``--debug``).
+``--json`` prints one JSON object as the last stdout line.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import traceback
 from pathlib import Path
 
 from .errors import InputError, WeightsError
+from .validation import positive_int
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_INPUT, EXIT_WEIGHTS = 0, 1, 2, 3
 
@@ -55,8 +57,10 @@ def _segment(args) -> int:
 def _evaluate(args) -> int:
     from .demo import pick_model
     from .evaluate import evaluate_folder, find_cases
+    from .files import check_output_folder
 
     find_cases(args.data)  # a bad folder is a usage error before any weights load
+    check_output_folder(args.output)
     loaded = pick_model(args.weights)
     if not args.quiet:
         print(f"weights: {loaded.description}", file=sys.stderr)
@@ -68,6 +72,11 @@ def _evaluate(args) -> int:
     elif not args.quiet:
         print(f"{summary['cases']} cases: DSC-AUC {summary['dsc_auc']:.3f}, final DSC {summary['dsc_final']:.3f}, "
               f"NSD-AUC {summary['nsd_auc']:.3f}; {len(summary['failed'])} failed; report in {args.output}")
+    if not summary["cases"]:
+        first = summary["failed"][0]
+        print(f"segvolgru: error: every case failed ({len(summary['failed'])}; {first['case']}: {first['error']}); "
+              f"see {args.output}/report.md", file=sys.stderr)
+        return EXIT_INPUT
     return EXIT_OK
 
 
@@ -119,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="speed and memory figures (prints JSON)")
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--device", default="auto")
-    bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--threads", type=positive_int, default=None)
     common(bench)
     bench.set_defaults(run=_bench)
 

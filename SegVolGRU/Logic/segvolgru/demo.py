@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .clicks import mask_to_box_kji, simulate_click
+from .files import check_output_folder, save_figure, write_atomic, write_text_atomic
 from .metrics import dice
 from .weights import LoadedModel, pick_model  # noqa: F401  (re-exported: the demo's model choice)
 
@@ -50,7 +51,7 @@ def run_demo(out_dir: str | Path, weights: str | None = None, clicks: int = 5, q
     from .slicer_bridge import (HeadlessSlicer, SegmentationWorkflow, create_segment_editor, kji_to_world,
                                 new_volume_node, read_segment_mask, save_seg_nrrd)
 
-    out = Path(out_dir).resolve()  # MRML writes an .mrb only to a full path
+    out = check_output_folder(out_dir).resolve()  # MRML writes an .mrb only to a full path
     out.mkdir(parents=True, exist_ok=True)
     loaded = pick_model(weights)
     volume, labels, spacing, target = sample_case()
@@ -82,7 +83,7 @@ def run_demo(out_dir: str | Path, weights: str | None = None, clicks: int = 5, q
         steps.append(_record(f"click {n + 1} ({'+' if click.positive else '-'})", status,
                              read_segment_mask(seg_node, workflow.segment_id, volume_node), gt, click))
     total = time.perf_counter() - started
-    save_seg_nrrd(seg_node, out / "SampleCT.seg.nrrd")
+    write_atomic(out / "SampleCT.seg.nrrd", lambda temporary: save_seg_nrrd(seg_node, temporary))
     _save_volume(volume_node, out / "SampleCT.nrrd")
     scene_file = _save_scene(scene, out / "SampleCT.mrb")
     _montage(volume, gt, steps, out / "montage.png")
@@ -96,7 +97,7 @@ def run_demo(out_dir: str | Path, weights: str | None = None, clicks: int = 5, q
         "files": sorted(p.name for p in out.iterdir()),
         "scene_file": scene_file,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     if not quiet:
         print(f"SegVolGRU headless demo — weights: {loaded.description}")
         for s in summary["steps"]:
@@ -115,17 +116,25 @@ def _record(name, status, mask, gt, click=None) -> dict:
 
 
 def _save_volume(volume_node, path: Path) -> None:
-    storage = volume_node.CreateDefaultStorageNode()
-    storage.SetFileName(str(path))
-    storage.WriteData(volume_node)
+    def write(temporary: Path) -> None:
+        storage = volume_node.CreateDefaultStorageNode()
+        storage.SetFileName(str(temporary))
+        if not storage.WriteData(volume_node):
+            raise OSError(f"MRML could not write {temporary.name}")
+
+    write_atomic(path, write)
 
 
 def _save_scene(scene, path: Path) -> str | None:
+    def write(temporary: Path) -> None:
+        if not scene.WriteToMRB(str(temporary)):
+            raise OSError("MRML could not write the scene bundle")
+
     try:
-        ok = scene.WriteToMRB(str(path))
+        write_atomic(path, write)
     except Exception:  # the wheel may lack the I/O managers an .mrb needs; the .seg.nrrd is the main output
         return None
-    return path.name if ok and path.exists() else None
+    return path.name
 
 
 def _montage(volume, gt, steps, path: Path) -> None:
@@ -149,8 +158,7 @@ def _montage(volume, gt, steps, path: Path) -> None:
         ax.axis("off")
     fig.suptitle("SegVolGRU: outline after each step (box, then clicks; dark -> light)")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _dice_plot(steps, path: Path) -> None:
@@ -167,5 +175,4 @@ def _dice_plot(steps, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)

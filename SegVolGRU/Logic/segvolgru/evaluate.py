@@ -10,6 +10,7 @@ where they overlap. Scores per :func:`segvolgru.metrics.case_scores`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -19,7 +20,10 @@ import numpy as np
 
 from .clicks import box_dict_to_kji, challenge_box, simulate_click
 from .errors import InputError
+from .files import check_output_folder, write_atomic, write_text_atomic
 from .metrics import CHALLENGE_CLICKS, case_scores
+from .npz import numeric_array, read_npz
+from .validation import validate_spacing
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 BOX_SEED = 2025
@@ -69,35 +73,54 @@ def _label_of(path: Path) -> Path | None:
 
 
 def load_case(path: Path) -> Case:
+    """One case, read without unpickling anything but plain data (see :mod:`segvolgru.npz`)."""
     name = _strip(path.name)
     if path.name.endswith(".npz"):
-        with np.load(path, allow_pickle=True) as data:
-            if "imgs" not in data:
-                raise InputError(f"{path}: no 'imgs' array (challenge npz cases hold imgs, gts, spacing)")
-            image = data["imgs"]
-            gts = data["gts"] if "gts" in data else None
-            spacing = tuple(float(s) for s in data["spacing"]) if "spacing" in data else (1.0, 1.0, 1.0)
-            boxes = list(data["boxes"]) if "boxes" in data else None
-        if gts is None:
+        data = read_npz(path)
+        if "imgs" not in data:
+            raise InputError(f"{path}: no 'imgs' array (challenge npz cases hold imgs, gts, spacing)")
+        image = numeric_array(data, "imgs", str(path))
+        spacing = validate_spacing(numeric_array(data, "spacing", str(path)) if "spacing" in data else (1, 1, 1),
+                                   f"{path}: spacing")
+        boxes = _boxes(data["boxes"], path) if "boxes" in data else None
+        if "gts" in data:
+            gts = numeric_array(data, "gts", str(path))
+        else:
             sibling = path.with_name(f"{name}_gt.npz")
             if not sibling.exists():
                 raise InputError(f"{path}: no 'gts' in the file and no sibling {sibling.name}")
-            with np.load(sibling) as data:
-                gts = data["gts"]
-        return Case(name, image, gts, spacing, boxes)  # type: ignore[arg-type]
+            labels = read_npz(sibling)
+            if "gts" not in labels:
+                raise InputError(f"{sibling}: no 'gts' array")
+            gts = numeric_array(labels, "gts", str(sibling))
+        return Case(name, image, gts, spacing, boxes)
     import SimpleITK as sitk
 
     label_path = _label_of(path)
-    image, label = sitk.ReadImage(str(path)), sitk.ReadImage(str(label_path))
+    try:
+        image, label = sitk.ReadImage(str(path)), sitk.ReadImage(str(label_path))
+    except RuntimeError as exc:
+        raise InputError(f"cannot read {path} or {label_path}: {str(exc).strip().splitlines()[-1]}") from None
     if image.GetSize() != label.GetSize() or not np.allclose(image.GetSpacing(), label.GetSpacing()) or \
             not np.allclose(image.GetOrigin(), label.GetOrigin(), atol=1e-3) or \
             not np.allclose(image.GetDirection(), label.GetDirection(), atol=1e-4):
         raise InputError(f"{label_path}: its geometry (size, spacing, origin or direction) differs from {path}")
     gts = sitk.GetArrayFromImage(label)
+    spacing = validate_spacing(image.GetSpacing()[::-1], f"{path}: spacing")
     rng = np.random.default_rng(BOX_SEED)
     # Indexed like the challenge's list: entry c - 1 belongs to class c (None for a class the labels lack).
     boxes = [challenge_box(gts == c, rng) if (gts == c).any() else None for c in range(1, int(gts.max()) + 1)]
-    return Case(name, sitk.GetArrayFromImage(image), gts, tuple(image.GetSpacing()[::-1]), boxes)
+    return Case(name, sitk.GetArrayFromImage(image), gts, spacing, boxes)
+
+
+def _boxes(array: np.ndarray, path: Path) -> list[dict | None]:
+    """The challenge's box list: one dict (or None) per class, in label order."""
+    boxes = list(array.reshape(-1))
+    bad = [n for n, box in enumerate(boxes) if box is not None and not isinstance(box, dict)]
+    if bad:
+        raise InputError(f"{path}: 'boxes' entry {bad[0]} is a {type(boxes[bad[0]]).__name__}, not a box dict "
+                         "(z_min, z_max, z_mid, z_mid_y_min, ...)")
+    return boxes
 
 
 def run_case(model, case: Case, gru: bool = True, fusion: bool = True, cache: bool = True) -> dict:
@@ -148,18 +171,18 @@ def run_case(model, case: Case, gru: bool = True, fusion: bool = True, cache: bo
 
 
 def write_case_csv(path: Path, name: str, result: dict) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["case", "step", "dsc", "nsd", "seconds"])
-        for step, (d, n, t) in enumerate(zip(result["dsc_per_step"], result["nsd_per_step"],
-                                             result["time_per_step_s"])):
-            writer.writerow([name, "box" if step == 0 else f"click{step}", f"{d:.6f}", f"{n:.6f}", f"{t:.4f}"])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["case", "step", "dsc", "nsd", "seconds"])
+    for step, (d, n, t) in enumerate(zip(result["dsc_per_step"], result["nsd_per_step"], result["time_per_step_s"])):
+        writer.writerow([name, "box" if step == 0 else f"click{step}", f"{d:.6f}", f"{n:.6f}", f"{t:.4f}"])
+    write_atomic(path, lambda temporary: temporary.write_text(text.getvalue(), encoding="utf-8", newline=""))
 
 
 def evaluate_folder(folder, out_dir, model, gru=True, fusion=True, cache=True, progress=True) -> dict:
     from tqdm import tqdm
 
-    out = Path(out_dir)
+    out = check_output_folder(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results, failed = {}, []
     paths = find_cases(folder)
@@ -176,7 +199,7 @@ def evaluate_folder(folder, out_dir, model, gru=True, fusion=True, cache=True, p
     from .report import write_report
 
     write_report(out, results, summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -17,6 +17,7 @@ from .cache import EmbeddingCache, shared_cache
 from .engine import Engine, PreparedVolume, Roi, Timings
 from .errors import InputError
 from .network import SegVol
+from .preprocessing import check_volume
 from .prompts import (
     Box, box_cube, box_of, box_to_zoom_out, clip_box, point_map, points_to_zoom_out, sample_window_points,
     upsample_nearest, upsample_nearest_region, validate_box, validate_points,
@@ -228,8 +229,7 @@ def segment(model: SegVol, volume: np.ndarray, *, box=None, points=None, point_l
     zoom-in windows (0 = fast preview); ``zoom_in=False`` returns the zoom-out result. ``precision`` "bf16" or
     "fp16" runs the network under autocast on a CUDA model (CPU always computes in fp32).
     """
-    if not isinstance(volume, np.ndarray):
-        raise InputError(f"volume must be a numpy array in (K, J, I) order, got {type(volume).__name__}")
+    check_volume(volume)  # before the prompts, so that a volume problem is reported as one
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     engine = engine_for(model, cache, precision)

@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from segvolgru.errors import InputError
+from segvolgru.validation import validate_spacing
 
 CHALLENGE_CLICKS = 5
 NSD_MIN_DSC = 0.2
@@ -26,15 +27,6 @@ def as_mask_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarr
             f"prediction {pred.shape} and ground truth {gt.shape} must be 3-D (K, J, I) arrays of one shape: "
             "pass a prediction and the ground truth of the same volume")
     return pred, gt
-
-
-def _as_spacing(spacing_mm: Sequence[float]) -> tuple[float, float, float]:
-    spacing = tuple(float(s) for s in np.ravel(spacing_mm))
-    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise InputError(
-            f"spacing {spacing_mm!r} is not three positive millimetre values: pass the voxel size per array "
-            "axis (K, J, I), e.g. the npz 'spacing'")
-    return spacing  # type: ignore[return-value]
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -85,7 +77,7 @@ def surface_dice(pred: np.ndarray, gt: np.ndarray, spacing_mm: Sequence[float],
     differ by up to half a voxel per axis because the two codes place surface elements differently.
     """
     pred, gt = as_mask_pair(pred, gt)
-    spacing = _as_spacing(spacing_mm)
+    spacing = validate_spacing(spacing_mm)
     pred = pred != 0
     gt = gt != 0
     if not pred.any() and not gt.any():
@@ -158,7 +150,7 @@ def case_scores(preds_per_step: Sequence[np.ndarray], gt: np.ndarray, spacing: S
     (the last five clicks, in [0, 4]); ``dsc_final`` and ``nsd_final``, the values after the last click.
     """
     gt = np.asarray(gt)
-    spacing_mm = _as_spacing(spacing)
+    spacing_mm = validate_spacing(spacing)
     labels = _case_classes(gt, classes)
     n_clicks = len(preds_per_step) - (1 if has_box else 0)
     if n_clicks < CHALLENGE_CLICKS:

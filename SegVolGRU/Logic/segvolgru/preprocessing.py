@@ -156,7 +156,8 @@ def nearest_exact_indices(in_size: int, out_size: int) -> np.ndarray:
     return np.minimum(np.floor(position).astype(np.int64), in_size - 1)
 
 
-def _check_input(volume: object, spatial_size: object) -> tuple[int, int, int]:
+def check_volume(volume: object) -> None:
+    """Raise InputError unless ``volume`` is a 3-D (K, J, I) numpy array of real numbers, each axis >= 2."""
     if not isinstance(volume, np.ndarray):
         raise InputError(f"The volume must be a numpy array, got {type(volume).__name__}: pass the voxel array "
                          "in (K, J, I) order, e.g. slicer.util.arrayFromVolume(node).")
@@ -169,6 +170,10 @@ def _check_input(volume: object, spatial_size: object) -> tuple[int, int, int]:
     if min(volume.shape) < 2:
         raise InputError(f"The volume has shape {volume.shape}; every axis needs at least 2 voxels: give a 3-D "
                          "volume, not a single slice or line.")
+
+
+def _check_input(volume: object, spatial_size: object) -> tuple[int, int, int]:
+    check_volume(volume)
     if (not isinstance(spatial_size, (tuple, list)) or len(spatial_size) != 3
             or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0
                        for s in spatial_size)):

@@ -19,21 +19,33 @@ Box = tuple[int, int, int, int, int, int]
 EMPTY_BOX: Box = (-1, -1, -1, -1, -1, -1)
 
 
+def _real_array(values, expected: str) -> np.ndarray:
+    """``values`` as float64 when it is an array of real numbers (not strings, None or a ragged list)."""
+    try:
+        array = np.asarray(values)
+    except ValueError:  # ragged
+        array = None
+    if array is None or (array.size and array.dtype.kind not in "iuf"):
+        raise InputError(f"{expected}, got {values!r}")
+    return array.astype(np.float64)
+
+
 def validate_box(box: Sequence[float] | None, shape: Sequence[int]) -> Box | None:
     """Check an inclusive voxel box against a volume shape and return it as ints."""
     if box is None:
         return None
-    values = np.asarray(box, dtype=np.float64).reshape(-1)
+    values = _real_array(box, "a box is six finite voxel indices (k0, j0, i0, k1, j1, i1)").reshape(-1)
     if values.size == 0:
         raise InputError("the box is empty: give six voxel indices (k0, j0, i0, k1, j1, i1) or no box at all")
     if values.size != 6 or not np.all(np.isfinite(values)):
         raise InputError(f"a box is six finite voxel indices (k0, j0, i0, k1, j1, i1), got {list(values)}")
-    lo, hi = np.floor(values[:3] + 0.5).astype(int), np.floor(values[3:] + 0.5).astype(int)
+    # compared as floats: a huge corner (1e20) is outside the volume, not an integer overflow
+    lo, hi = np.floor(values[:3] + 0.5), np.floor(values[3:] + 0.5)
     inverted = [a for a, l, h in zip("KJI", lo, hi) if h < l]
     if inverted:
         raise InputError(f"the box is inverted on axis {', '.join(inverted)} (max corner below min corner): "
                          f"give (k0, j0, i0, k1, j1, i1) with k0 <= k1, j0 <= j1, i0 <= i1")
-    outside = [f"{a} [{l}, {h}] vs [0, {n - 1}]" for a, l, h, n in zip("KJI", lo, hi, shape) if l < 0 or h >= n]
+    outside = [f"{a} [{l:g}, {h:g}] vs [0, {n - 1}]" for a, l, h, n in zip("KJI", lo, hi, shape) if l < 0 or h >= n]
     if outside:
         raise InputError(f"the box reaches outside the volume of shape {tuple(shape)} on {'; '.join(outside)}: "
                          "clip it to the volume")
@@ -46,7 +58,7 @@ def validate_points(points, labels, shape: Sequence[int]) -> tuple[np.ndarray, n
         if labels is not None and len(labels):
             raise InputError("point_labels were given without points")
         return np.zeros((0, 3), np.int64), np.zeros((0,), np.int64)
-    coords = np.asarray(points, dtype=np.float64)
+    coords = _real_array(points, "points must be an (N, 3) array of finite (k, j, i) voxel indices")
     if coords.size == 0:
         return np.zeros((0, 3), np.int64), np.zeros((0,), np.int64)
     coords = coords.reshape(-1, 3) if coords.ndim == 1 and coords.size == 3 else coords
@@ -60,13 +72,13 @@ def validate_points(points, labels, shape: Sequence[int]) -> tuple[np.ndarray, n
     bad = [int(n) for n in np.flatnonzero(~np.isin(lab, (0, 1)))]
     if bad:
         raise InputError(f"point_labels must be 1 (positive) or 0 (negative); point {bad[0]} has {lab[bad[0]]!r}")
-    voxels = np.floor(coords + 0.5).astype(np.int64)
+    voxels = np.floor(coords + 0.5)  # checked as floats, so that a huge index cannot wrap around
     inside = np.all((voxels >= 0) & (voxels < np.asarray(shape)), axis=1)
     if not inside.all():
         n = int(np.flatnonzero(~inside)[0])
-        raise InputError(f"point {n} at (k, j, i) = {tuple(voxels[n])} lies outside the volume of shape "
-                         f"{tuple(shape)}: clicks must be inside the image")
-    return voxels, lab.astype(np.int64)
+        raise InputError(f"point {n} at (k, j, i) = ({', '.join(f'{v:g}' for v in voxels[n])}) lies outside the "
+                         f"volume of shape {tuple(shape)}: clicks must be inside the image")
+    return voxels.astype(np.int64), lab.astype(np.int64)
 
 
 def box_to_zoom_out(box_crop: Box, crop_shape: Sequence[int], out_shape: Sequence[int]) -> Box:

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import save_figure, write_text_atomic
+
 
 def _pyplot():
     import matplotlib
@@ -32,8 +34,7 @@ def _curves(path: Path, results: dict, summary: dict) -> None:
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _overlay(path: Path, case, result: dict, title: str) -> None:
@@ -49,8 +50,7 @@ def _overlay(path: Path, case, result: dict, title: str) -> None:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(out: Path, results: dict, summary: dict) -> None:
@@ -76,4 +76,4 @@ def write_report(out: Path, results: dict, summary: dict) -> None:
         _overlay(out / "worst.png", ranked[0][1][0], ranked[0][1][1], f"worst: {ranked[0][0]}")
         _overlay(out / "best.png", ranked[-1][1][0], ranked[-1][1][1], f"best: {ranked[-1][0]}")
         lines += ["", "![curves](curves.png)", "", "![best](best.png) ![worst](worst.png)"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")

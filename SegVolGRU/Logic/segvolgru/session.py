@@ -23,12 +23,18 @@ from .engine import Engine, PreparedVolume, Roi
 from .errors import InputError
 from .inference import SegmentResult, engine_for, official_roi, prompts_in_crop, roi_slices
 from .network import SegVol
+from .preprocessing import check_volume
 from .prompts import EMPTY_BOX, box_cube, box_to_zoom_out, clip_box, points_to_zoom_out, upsample_nearest
 from .prompts import validate_box, validate_points
+from .validation import as_polarity, check_setting, validate_spacing
 from .windows import WindowGrid, bounding_box, window_grid
 
 _FLOOR_LOGIT = -20.0
 MAX_HISTORY = 50
+# the session's own settings and their types (the correction's are CorrectionConfig's fields)
+_SESSION_SETTINGS = {"overlap": "float", "gru": "bool", "text": "str | None", "require_box": "bool"}
+# what a stored prompt holds, by type
+_PROMPT_KEYS = {"box": {"type", "box"}, "click": {"type", "voxel", "positive"}}
 
 
 @dataclass
@@ -100,20 +106,27 @@ class InteractiveSession:
 
     def __init__(self, model: SegVol, volume: np.ndarray, spacing=None, cache: EmbeddingCache | None = None,
                  **settings) -> None:
-        if not isinstance(volume, np.ndarray):
-            raise InputError(f"volume must be a numpy array in (K, J, I) order, got {type(volume).__name__}")
+        check_volume(volume)
         self.engine: Engine = engine_for(model, cache)
         self.model = model
-        self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
+        self.spacing = None if spacing is None else validate_spacing(spacing, "session spacing")
+        known = {**_SESSION_SETTINGS, **{f.name: str(f.type) for f in dataclasses.fields(CorrectionConfig)}}
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise InputError(f"unknown session settings {unknown}: the known ones are {', '.join(known)}")
+        for name, value in settings.items():
+            check_setting(name, value, known[name])
         self.overlap = float(settings.pop("overlap", 0.5))
+        if not 0 <= self.overlap < 1:
+            raise InputError(f"invalid session setting overlap={self.overlap}: it must be in [0, 1)")
         self.gru = bool(settings.pop("gru", True))
         self.text = settings.pop("text", None)
         self.require_box = bool(settings.pop("require_box", False))
         base = model.correction.config if model.correction is not None else CorrectionConfig()
         try:
             self.correction_config = dataclasses.replace(base, **settings)
-        except TypeError as exc:
-            raise InputError(f"unknown session setting: {exc}") from None
+        except ValueError as exc:
+            raise InputError(f"invalid session setting: {exc}") from None
         self._caller = volume
         self._fingerprint = fingerprint(volume)
         self._volume = np.array(volume, copy=True)
@@ -143,15 +156,20 @@ class InteractiveSession:
         return self._push({"type": "box", "box": list(box)})
 
     def add_click(self, voxel_kji, positive: bool) -> SessionResult:
-        """Add one click at a (k, j, i) voxel; ``positive`` True adds, False removes."""
+        """Add one click at a (k, j, i) voxel; ``positive`` True (or 1) adds, False (or 0) removes; anything
+        else, such as the string "false", raises InputError."""
         self._check_volume()
-        pts, _ = validate_points([voxel_kji], [1 if positive else 0], self._volume.shape)
+        positive = as_polarity(positive, f"the click at {voxel_kji!r}")
+        pts, _ = validate_points([voxel_kji], [int(positive)], self._volume.shape)
         if self.require_box and self._box(self.prompts) is None:
             raise InputError("this session needs a box before clicks (require_box=True): place the box first")
         return self._push({"type": "click", "voxel": [int(v) for v in pts[0]], "positive": bool(positive)})
 
     def undo(self) -> SessionResult:
         if not self._history:
+            if self.prompts:
+                raise InputError(f"nothing more to undo: the undo history holds the last {MAX_HISTORY} steps and "
+                                 "they are all undone; reset clears the session")
             raise InputError("nothing to undo: this session has no prompts yet")
         step = self._history.pop()
         if step.before is not None:
@@ -196,15 +214,27 @@ class InteractiveSession:
     @classmethod
     def replay(cls, model: SegVol, volume: np.ndarray, prompts: list[dict], spacing=None,
                cache: EmbeddingCache | None = None, **settings) -> "InteractiveSession":
-        """A new session with ``prompts`` applied in order: bit-identical to the session that recorded them."""
+        """A new session with ``prompts`` applied in order: bit-identical to the session that recorded them.
+
+        Each prompt is ``{"type": "box", "box": [k0, j0, i0, k1, j1, i1]}`` or ``{"type": "click", "voxel": [k, j, i],
+        "positive": true}``, as :attr:`prompts` records them; anything else raises InputError naming the prompt.
+        """
+        if not isinstance(prompts, (list, tuple)):
+            raise InputError(f"prompts must be a list of stored prompts, got {type(prompts).__name__}")
         session = cls(model, volume, spacing=spacing, cache=cache, **settings)
-        for prompt in prompts:
-            if prompt.get("type") == "box":
-                session.set_box(prompt["box"])
-            elif prompt.get("type") == "click":
-                session.add_click(prompt["voxel"], bool(prompt["positive"]))
-            else:
-                raise InputError(f"unknown prompt {prompt!r}: expected type 'box' or 'click'")
+        for n, prompt in enumerate(prompts):
+            kind = prompt.get("type") if isinstance(prompt, dict) else None
+            if not isinstance(kind, str) or _PROMPT_KEYS.get(kind) != set(prompt):
+                raise InputError(f"stored prompt {n} {prompt!r} is not a prompt: expected {{'type': 'box', 'box': "
+                                 "[k0, j0, i0, k1, j1, i1]} or {'type': 'click', 'voxel': [k, j, i], 'positive': "
+                                 "true or false}")
+            try:
+                if kind == "box":
+                    session.set_box(prompt["box"])
+                else:
+                    session.add_click(prompt["voxel"], prompt["positive"])
+            except InputError as exc:
+                raise InputError(f"stored prompt {n}: {exc}") from None
         return session
 
     # ----------------------------------------------------------------- steps

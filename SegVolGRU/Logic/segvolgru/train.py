@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pickle
 import random
 import shlex
 import sys
@@ -36,10 +37,12 @@ from .clicks import box_dict_to_kji, challenge_box, simulate_click
 from .config import SegVolConfig
 from .correction import CorrectionConfig, apply_deltas, build_rows, fuse
 from .errors import InputError
+from .files import write_atomic, write_text_atomic
 from .network import SegVol, build_model
 from .phantoms import make_phantom
 from .preprocessing import nearest_exact_indices, preprocess
 from .train_data import FolderSource
+from .validation import positive_int
 
 # Click rounds per structure: mostly 2-3, rarely 0 or 5 (the issue's schedule).
 CLICK_ROUNDS = (0, 1, 2, 3, 4, 5)
@@ -215,20 +218,32 @@ def train_step(model: SegVol, optimizer: torch.optim.Optimizer, sample: Sample, 
 def _learning_rate(settings: TrainSettings, step: int) -> float:
     warm = min(1.0, (step + 1) / max(settings.warmup_steps, 1))
     progress = min(step / max(settings.steps, 1), 1.0)
-    return settings.lr * warm * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
+    return float(settings.lr * warm * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress))))  # plain: see _save_state
 
 
 def _save_state(path: Path, model: SegVol, optimizer: torch.optim.Optimizer, step: int, log: list[dict],
                 recipe: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"config": model.config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "log": log, "recipe": recipe, "torch_rng": torch.get_rng_state(),
-                "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}, tmp)
-    tmp.replace(path)  # a crash while writing never leaves a truncated resume file
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    # plain data and tensors only, so that the file loads with weights_only=True (nothing is unpickled)
+    numpy_rng = (str(name), torch.from_numpy(np.asarray(keys, np.int64)), int(position), int(has_gauss), float(gauss))
+    state = {"config": model.config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "step": step, "log": log, "recipe": recipe, "torch_rng": torch.get_rng_state(), "numpy_rng": numpy_rng,
+             "python_rng": random.getstate()}
+    write_atomic(path, lambda temporary: torch.save(state, temporary))  # a crash never leaves a truncated file
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot read the resume file {path} ({reason}): it is damaged, or was written by an "
+                         "older version whose files need unpickling; start over with --no-resume or in another "
+                         "folder") from None
 
 
 def _load_state(path: Path, model: SegVol, optimizer: torch.optim.Optimizer, part: str) -> tuple[int, list[dict]]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = _read_state(path)
     if state["config"] != model.config.to_dict():
         raise InputError(f"{path} was written for another model configuration: resume with the configuration it "
                          "was trained with, or start a new run in another folder")
@@ -240,7 +255,8 @@ def _load_state(path: Path, model: SegVol, optimizer: torch.optim.Optimizer, par
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
-    np.random.set_state(state["numpy_rng"])
+    name, keys, position, has_gauss, gauss = state["numpy_rng"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     random.setstate(state["python_rng"])
     return int(state["step"]), list(state["log"])
 
@@ -324,8 +340,8 @@ def train(config: SegVolConfig | None, out_dir: str | Path, settings: TrainSetti
 
         bar = tqdm(total=settings.steps, initial=step, file=sys.stderr, desc="train", dynamic_ncols=True)
     stop = settings.steps if until is None else min(until, settings.steps)
-    with log_path.open("w") as log_file:
-        log_file.writelines(json.dumps(record) + "\n" for record in log)
+    write_text_atomic(log_path, "".join(json.dumps(record) + "\n" for record in log))
+    with log_path.open("a") as log_file:
         while step < stop:
             if settings.max_minutes is not None and time.perf_counter() - started > 60 * settings.max_minutes:
                 break
@@ -355,7 +371,7 @@ def export_model(state_path: str | Path, model_path: str | Path) -> dict:
     """Write the shippable fp16 checkpoint ``{'config', 'model', 'recipe'}`` of a resume file (also of an
     intermediate one); the recipe gains ``steps_done`` and ``wall_time_s`` (the summed step times), and the
     correction settings of ``recipe["inference_settings"]`` replace the trained ones in the file. Returns it."""
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    state = _read_state(Path(state_path))
     config = dict(state["config"])
     overrides = state["recipe"].get("inference_settings", {}).get("correction", {})
     if overrides:
@@ -394,7 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint-every", type=float, default=180.0, help="seconds between resume files")
     parser.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda")
     parser.add_argument("--no-resume", action="store_true", help="start over even if OUT/train_state.pt exists")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

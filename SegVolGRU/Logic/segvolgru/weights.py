@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from segvolgru.errors import WeightsError
+from segvolgru.files import readable, write_text_atomic
 
 OFFICIAL_REPO_ID = "BAAI/SegVol"
 WEIGHTS_FILENAME = "pytorch_model.bin"
@@ -158,11 +159,9 @@ def download_official_weights(
 
 
 def _existing_weights(path: Path, origin: str) -> Path:
-    if path.is_dir():
-        return _weights_in_directory(path)
-    if not path.is_file():
-        raise WeightsError(f"{origin} ({path}) does not exist; point it at a SegVol weights file or folder.")
-    return path
+    readable(path, origin, folder=True, error=WeightsError,
+             hint="point it at a SegVol weights file or folder.")
+    return _weights_in_directory(path) if path.is_dir() else path
 
 
 def _weights_in_directory(folder: Path) -> Path:
@@ -224,7 +223,7 @@ def _read_sha256_record(path: Path) -> str | None:
 
 def _write_sha256_record(path: Path, digest: str) -> None:
     """Writes ``<digest>  <name>`` (the ``sha256sum`` format, so ``sha256sum -c`` can check it too)."""
-    _record_path(path).write_text(f"{digest}  {path.name}\n", encoding="ascii")
+    write_text_atomic(_record_path(path), f"{digest}  {path.name}\n")
 
 
 def _hub_file_metadata(repo_id: str, filename: str, revision: str | None, endpoint: str | None) -> tuple[str, str]:

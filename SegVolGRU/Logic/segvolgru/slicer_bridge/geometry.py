@@ -79,8 +79,18 @@ def kji_to_world_matrix(volume_node) -> np.ndarray:
 
 
 def world_to_kji_matrix(volume_node) -> np.ndarray:
-    """4x4 matrix from world RAS (x, y, z, 1) in mm to the continuous array index (k, j, i, 1)."""
-    return np.linalg.inv(kji_to_world_matrix(volume_node))
+    """4x4 matrix from world RAS (x, y, z, 1) in mm to the continuous array index (k, j, i, 1).
+
+    Raises InputError when the volume's geometry has no inverse (a zero spacing, or a transform that flattens it).
+    """
+    try:
+        return np.linalg.inv(kji_to_world_matrix(volume_node))
+    except np.linalg.LinAlgError:
+        raise InputError(
+            f"The volume {_node_label(volume_node)} has a degenerate geometry (a zero spacing or direction, or a "
+            "parent transform that flattens it), so positions cannot be mapped to its voxels; fix its spacing in "
+            "the Volumes module (Volume Information) or its transform."
+        ) from None
 
 
 def kji_to_world(volume_node, kji: Sequence[float]) -> tuple[float, float, float]:

@@ -16,6 +16,7 @@ from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
 from segvolgru.errors import InputError
+from segvolgru.validation import validate_spacing
 
 
 def _scalar_image(volume_node) -> vtkImageData:
@@ -52,10 +53,13 @@ def volume_array_kji(volume_node) -> np.ndarray:
 
 
 def volume_spacing_kji(volume_node) -> tuple[float, float, float]:
-    """Voxel spacing in mm along array axes (K, J, I); parent-transform scaling is not included."""
+    """Voxel spacing in mm along array axes (K, J, I); parent-transform scaling is not included.
+
+    Raises InputError unless the spacing is three finite positive values.
+    """
     _scalar_image(volume_node)
     i, j, k = volume_node.GetSpacing()
-    return float(k), float(j), float(i)
+    return validate_spacing((k, j, i), f"the spacing (K, J, I) of the volume '{volume_node.GetName()}'")
 
 
 def new_volume_node(
@@ -82,7 +86,7 @@ def new_volume_node(
     if array.dtype == bool:
         array = array.astype(np.uint8)
     spacing = [float(s) for s in spacing_ijk]
-    if len(spacing) != 3 or min(spacing) <= 0:
+    if len(spacing) != 3 or not np.all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise InputError(f"Spacing must be three positive millimetre values (I, J, K), got {spacing_ijk}.")
     directions = np.asarray(directions_ras_3x3, dtype=float)
     if directions.shape != (3, 3) or not np.allclose(directions.T @ directions, np.eye(3), atol=1e-6):
