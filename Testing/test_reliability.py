@@ -343,6 +343,18 @@ def test_session_spacing_is_three_finite_positive_numbers(spacing):
         InteractiveSession(tiny_model(), ct_like(SHAPE), spacing=spacing)
 
 
+def test_an_image_file_with_a_zero_spacing_exits_2(tmp_path, weights, capsys, no_inference):
+    image = tmp_path / "flat.nrrd"
+    image.write_text("NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\nsizes: 6 5 4\n"
+                     "space directions: (0,0,0) (0,1,0) (0,0,1)\nkinds: domain domain domain\nendian: little\n"
+                     "encoding: raw\nspace origin: (0,0,0)\n\n")
+    with image.open("ab") as data:
+        data.write(bytes(240))
+    assert main(["segment", str(image), str(_prompts(tmp_path, {"box": BOX})), "-o", str(tmp_path / "o.nrrd"),
+                 "--weights", str(weights)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+
 def test_a_zero_spacing_mrml_volume_is_an_input_error(mrml):
     from segvolgru.slicer_bridge import create_segment_editor, new_volume_node
     from segvolgru.slicer_bridge.geometry import world_to_kji_matrix
@@ -373,6 +385,26 @@ def test_invalid_settings_in_the_workflow_get_their_own_message(mrml):
     with pytest.raises(InputError) as raised:
         workflow.set_box_from_roi(roi)
     assert "invalid session setting fusion_radius='wide'" in str(raised.value)
+    assert "CPU" not in str(raised.value)
+
+
+@pytest.mark.parametrize("prompts", [
+    [{"type": "box", "box": [4, 10, 10, 15, 40, 40]}, {"type": "click", "voxel": [9, 25, 25], "positive": "false"}],
+    [{"type": "box", "box": [4, 10, 10, 15, 40, 40]}, "click"],
+    [{"type": "box", "box": "everything"}],
+])
+def test_altered_prompts_stored_in_a_scene_are_an_input_error_naming_the_prompt(mrml, prompts):
+    from segvolgru.slicer_bridge import create_segment_editor, ensure_segment, new_volume_node
+    from segvolgru.slicer_bridge.workflow import PROMPTS_TAG, SegmentationWorkflow
+
+    volume = new_volume_node(mrml.scene, ct_like(SHAPE), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), "CT")
+    segmentation = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
+    segment_id = ensure_segment(segmentation, "liver")
+    segmentation.GetSegmentation().GetSegment(segment_id).SetTag(PROMPTS_TAG, json.dumps({"prompts": prompts}))
+    editor = create_segment_editor(mrml.scene, segmentation, volume, app_logic=mrml.app_logic)
+    workflow = SegmentationWorkflow(mrml.scene, volume, segmentation, editor, tiny_model())
+    with pytest.raises(InputError, match=f"stored prompt {len(prompts) - 1}") as raised:
+        workflow.apply(workflow.replay_step(segment_id))
     assert "CPU" not in str(raised.value)
 
 
@@ -516,9 +548,11 @@ def test_garbage_safetensors_exit_3(tmp_path, image_file, capsys):
 
 
 @pytest.mark.parametrize("threads", ["-3", "0", "many"])
-def test_bench_with_a_bad_thread_count_is_a_usage_error(threads, capsys):
-    assert main(["bench", "--quick", "--threads", threads]) == 2
-    assert "positive integer" in capsys.readouterr().err
+@pytest.mark.parametrize("command", ["bench", "train"])
+def test_a_bad_thread_count_is_a_usage_error(tmp_path, capsys, command, threads):
+    out = tmp_path / "never"
+    assert main([command, "--threads", threads] + ([str(out)] if command == "train" else ["--quick"])) == 2
+    assert "positive integer" in capsys.readouterr().err and not out.exists()
 
 
 # ----------------------------------------------------------------------------- 10. one error type in the API

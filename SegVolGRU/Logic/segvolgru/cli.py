@@ -86,7 +86,10 @@ def _passthrough(command: str, rest: list[str]) -> int:
         from .train import main as command_main
     else:
         from .evaluate_gru import main as command_main
-    return int(command_main(rest) or 0)
+    try:
+        return int(command_main(rest) or 0)
+    except SystemExit as exc:  # their parsers' --help and usage errors
+        return EXIT_OK if exc.code in (0, None) else EXIT_INPUT
 
 
 def build_parser() -> argparse.ArgumentParser:

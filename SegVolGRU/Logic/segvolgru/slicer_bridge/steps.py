@@ -100,7 +100,7 @@ class Step:
 
 
 def click_count(prompts: Sequence[dict]) -> int:
-    return sum(1 for p in prompts if p.get("type") == "click")
+    return sum(1 for p in prompts if isinstance(p, dict) and p.get("type") == "click")  # stored ones may be altered
 
 
 def extent_of(changed: np.ndarray) -> Extent | None:
