@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from engine_support import tiny_model
 from segvolgru.checkpoint import save_checkpoint
@@ -90,25 +91,62 @@ def test_a_folder_without_cases_is_a_usage_error(tmp_path):
     assert main(["evaluate", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
 
 
-def test_gru_summary_counts_clicks_that_lower_dice_and_the_auc():
+def test_gru_summary_gives_both_aucs_the_lowering_share_and_regrowth():
     from segvolgru.evaluate_gru import summarise
 
-    curves = {"gru_on": [[0.5, 0.6, 0.55, 0.7, 0.8, 0.9], [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]]}
-    out = summarise({"curves": curves, "seconds": {"gru_on": [0.1, 0.3, 0.2]}, "structures": 2})
-    assert out["frac_clicks_lower_dice"] == pytest.approx(1 / 10)
-    assert out["dice_auc_gru_on"] == pytest.approx(np.mean([0.5 * 0.6 + 0.55 + 0.7 + 0.8 + 0.5 * 0.9,
-                                                             0.5 * 0.3 + 0.4 + 0.5 + 0.6 + 0.5 * 0.7]))
-    assert out["click_s_p50"] == pytest.approx(0.2) and out["cases"] == 2
+    curve = [0.1, 0.5, 0.6, 0.55, 0.7, 0.8, 0.9, 0.9, 0.9, 0.9, 1.0]
+    out = summarise([{"dice": curve, "seconds": [0.1, 0.3, 0.2], "regrown": 3, "changed": 12}])
+    assert out["dsc_auc_5"] == pytest.approx(0.5 * 0.5 + 0.6 + 0.55 + 0.7 + 0.5 * 0.8)
+    assert out["dsc_auc_10"] == pytest.approx(sum(curve[1:]) - 0.5 * (curve[1] + curve[10]))
+    assert out["lowering"] == pytest.approx(1 / 10) and out["regrowth"] == pytest.approx(0.25)
+    assert out["click_s_p50"] == pytest.approx(0.2) and out["structures"] == 1 and len(out["dice_per_click"]) == 11
 
 
-def test_gru_evaluation_runs_every_variant_on_a_phantom():
-    from segvolgru.evaluate_gru import VARIANTS, evaluate_cases, summarise
-    from segvolgru.phantoms import make_phantom
+def test_regrowth_counts_changed_voxels_that_are_back_two_clicks_later():
+    from segvolgru.evaluate_gru import regrowth
 
-    volume, labels, spacing = make_phantom(900_000_123, shape=(16, 64, 64))
-    labels = np.where(labels == 1, 1, 0).astype(np.int16)
+    empty, one, two = np.zeros(4, bool), np.array([1, 0, 0, 0], bool), np.array([1, 1, 0, 0], bool)
+    # click 1 adds voxel 0 and click 3 removes it; click 2 adds voxel 1, gone two clicks later; click 3 has no
+    # mask two clicks after it
+    assert regrowth([empty, one, two, empty, empty]) == (2, 2)
+    assert regrowth([empty, one, one, one, one]) == (0, 1)
+
+
+def test_the_controls_push_at_error_rows_only_and_forget_the_state():
+    from segvolgru.correction import CorrectionConfig, build_rows
+    from segvolgru.evaluate_gru import ConstantPush, StatelessCorrector
+
+    config = CorrectionConfig(k=8, hidden_size=4, row_dim=4)
+    prob = np.full((6, 6, 6), 0.2, np.float32)
+    prob[2:4, 2:4, 2:4] = 0.45
+    rows = build_rows(prob, np.array([[1, 1, 1]]), np.array([1.0]), config)
+    delta, hidden = ConstantPush(config, 5.0)(rows, torch.zeros(1, 1))
+    error_rows = (rows.features[:, 0] == 1) & rows.valid
+    assert bool(error_rows.any()) and torch.all(delta[error_rows] == 5.0) and torch.all(delta[~error_rows] == 0)
+    model = tiny_model({"k": 8, "hidden_size": 4, "row_dim": 4})
+    stateless = StatelessCorrector(model.correction)
+    warm = torch.ones(1, 4)
+    assert torch.equal(stateless(rows, warm)[0], model.correction(rows, model.correction.initial_state())[0])
+    assert not torch.equal(model.correction(rows, warm)[0], model.correction(rows, model.correction.initial_state())[0])
+
+
+def test_gru_evaluation_runs_every_variant_on_every_base(monkeypatch):
+    from segvolgru import evaluate_gru
+
+    real_set = evaluate_gru.phantom_set
+
+    def one_structure(seed_base, shape, minimum):
+        name, volume, labels, spacing = real_set(seed_base, shape, 1)[0]
+        return [(name, volume, (labels == 1).astype(np.int16), spacing)]
+
+    monkeypatch.setattr(evaluate_gru, "phantom_set", one_structure)
+    monkeypatch.setattr(evaluate_gru, "CLICKS", 3)
     model = tiny_model({"k": 20, "hidden_size": 16, "row_dim": 8})
-    out = summarise(evaluate_cases(model, [("p", volume, labels, spacing)], progress=False))
-    for name in VARIANTS:
-        assert len(out[f"dice_{name}"]) == 6
-    assert out["cases"] == 1
+    out = evaluate_gru.report(model, quick=True, constant=4.0, progress=False)
+    assert set(out["variants"]) == {"gru", "stateless", "heuristic", "off"}
+    for table in out["variants"].values():
+        assert set(table) == {"pooled", "segvol", "boundary", "structural", "threshold"}
+        for row in table.values():
+            assert {"dsc_auc_5", "dsc_auc_10", "lowering", "regrowth", "dice_per_click"} <= set(row)
+            assert len(row["dice_per_click"]) == 4
+    assert out["variants"]["off"]["boundary"]["lowering"] == 0.0  # nothing changes a click-blind base without a corrector

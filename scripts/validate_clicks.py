@@ -17,11 +17,11 @@ import numpy as np
 
 from segvolgru import demo_model_path, load_model
 from segvolgru.cache import EmbeddingCache
-from segvolgru.evaluate_gru import run_structure
-from segvolgru.metrics import challenge_auc
+from segvolgru.clicks import box_dict_to_kji, challenge_box
+from segvolgru.evaluate_gru import VALIDATION_SEED_BASE, session_steps
+from segvolgru.metrics import challenge_auc, dice
 from segvolgru.phantoms import make_phantom
 
-VALIDATION_SEED_BASE = 500_000
 
 
 def main() -> None:
@@ -37,7 +37,10 @@ def main() -> None:
     for n in range(args.phantoms):
         volume, labels, _ = make_phantom(VALIDATION_SEED_BASE + n, shape=model.config.spatial_size)
         for index, value in enumerate(v for v in np.unique(labels) if v > 0):
-            curve, _, kinds = run_structure(model, volume, labels == value, settings, cache, seed=index)
+            gt = labels == value
+            box = box_dict_to_kji(challenge_box(gt, np.random.default_rng(index)))
+            masks, _, kinds = session_steps(model, volume, box, gt, settings, cache, clicks=5)
+            curve = [dice(mask, gt) for mask in masks]
             curves.append(curve)
             steps += [(kind, curve[t + 1] - curve[t]) for t, kind in enumerate(kinds) if kind is not None]
     report = {"settings": settings, "structures": len(curves),
