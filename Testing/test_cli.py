@@ -88,7 +88,7 @@ def test_bench_quick_prints_its_json_keys(capsys):
     assert main(["bench", "--quick", "--device", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("preprocess_s", "encoder_window_s", "first_box_s", "click_cached_s", "click_recompute_s",
-                "cache_speedup", "click_session_s", "peak_rss_mb", "device", "threads"):
+                "cache_speedup", "click_session_s", "click_session_s_at_200", "peak_rss_mb", "device", "threads"):
         assert key in result
 
 

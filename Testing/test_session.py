@@ -9,6 +9,7 @@ import torch
 
 from engine_support import ct_like, tiny_model
 from segvolgru import InteractiveSession, segment
+from segvolgru import session as session_module
 from segvolgru.cache import EmbeddingCache
 from segvolgru.correction import (CorrectionConfig, apply_deltas, build_rows, click_depth, error_points, fuse,
                                   uncertain_points)
@@ -227,6 +228,32 @@ def test_uncertain_and_error_sets_follow_their_rules():
     pred = np.zeros((9, 9, 9), bool)
     found, labels = error_points(pred, np.array([[4, 4, 4]]), np.array([1]), 7, radius=1.0)
     assert len(found) == 7 and tuple(found[0]) == (4, 4, 4) and set(labels) == {1.0}
+
+
+@pytest.mark.parametrize("wrong_share", [0.0, 0.02, 0.5, 1.0])
+def test_error_rows_are_the_k_nearest_disagreeing_pairs_of_every_click(wrong_share):
+    """Whatever ball the search stops at, the rows are those of scanning every click's whole radius: (voxel, click)
+    pairs within the radius whose prediction disagrees with the click, by distance, then raster order, then click
+    order, the first k."""
+    rng = np.random.default_rng(5)
+    shape, radius = (12, 30, 26), 9.0
+    k_, j_, i_ = np.ogrid[:12, :30, :26]
+    blob = (k_ - 6) ** 2 + (j_ - 14) ** 2 + (i_ - 12) ** 2 < 49
+    pred = blob ^ (rng.random(shape) < wrong_share)
+    clicks = np.array([[6, 14, 12], [0, 0, 0], [11, 29, 25], [6, 20, 12], [-3, 14, 12], [6, 14, 12]])
+    labels = np.array([1, 0, 1, 0, 1, 0])
+    grid = np.indices(shape).reshape(3, -1).T
+    for chosen in [[n] for n in range(len(clicks))] + [list(range(len(clicks)))]:
+        pairs = []
+        for n in chosen:
+            dist = np.sqrt(((grid - clicks[n]) ** 2).sum(axis=1))
+            for index in np.flatnonzero((dist <= radius) & (pred.reshape(-1) != bool(labels[n]))):
+                pairs.append((dist[index], index, n, labels[n]))
+        pairs.sort()
+        for k in (1, 30, 200, 5000):
+            coords, found = error_points(pred, clicks[chosen], labels[chosen], k, radius)
+            np.testing.assert_array_equal(coords, grid[[p[1] for p in pairs[:k]]].reshape(-1, 3))
+            np.testing.assert_array_equal(found, [float(p[3]) for p in pairs[:k]])
 
 
 def test_padding_rows_are_never_written_and_sparse_writes_only_at_rows():
@@ -462,3 +489,57 @@ def test_intensity_aware_spread_stays_in_the_clicked_structure():
     assert (plain[:, :, :8] > -5).any()                       # the plain field crosses into the dark half
     assert torch.allclose(aware[:, :, :8], logits[:, :, :8])  # the intensity-aware one does not
     assert torch.equal(aware[:, :, 8:], plain[:, :, 8:])      # and is unchanged where the intensity matches
+
+
+def _long_session(model, clicks: int):
+    """A one-window volume and box, and clicks of alternating polarity in a block inside the box."""
+    volume = ct_like(shape=(16, 64, 64))
+    s = _session(model, volume)
+    rng = np.random.default_rng(3)
+    return s, (2, 10, 10, 13, 50, 50), [(tuple(int(v) for v in rng.integers((4, 20, 20), (12, 40, 40))), n % 2 == 0)
+                                        for n in range(clicks)]
+
+
+def test_past_the_recent_clicks_the_decoder_and_the_error_rows_see_only_the_newest(model, monkeypatch):
+    """A click's cost stops growing with the session: each decoder run gets at most RECENT_CLICKS points, the
+    newest in its window, and the error rows scan at most RECENT_CLICKS clicks, the newest in the region."""
+    cap = session_module.RECENT_CLICKS
+    s, box, clicks = _long_session(model, cap + 10)
+    decoded, scanned = [], []
+    decode, rows = s.engine.decode, session_module.build_rows
+
+    def counting_decode(embedding, key, box, points, *args, **kwargs):
+        decoded.append(np.zeros((0, 3)) if points is None else np.asarray(points).copy())
+        return decode(embedding, key, box, points, *args, **kwargs)
+
+    def counting_rows(prob, clicks, labels, config):
+        scanned.append(clicks.copy())
+        return rows(prob, clicks, labels, config)
+
+    monkeypatch.setattr(s.engine, "decode", counting_decode)
+    monkeypatch.setattr(session_module, "build_rows", counting_rows)
+    s.set_box(box)
+    for voxel, positive in clicks:
+        s.add_click(voxel, positive)
+    assert len(s._state.regions) == 1 and len(s._state.regions[0].grid.starts) == 1
+    assert max(len(p) for p in decoded) == cap and len(decoded[-1]) == cap
+    assert max(len(c) for c in scanned) == cap
+    newest = np.asarray([v for v, _ in clicks[-cap:]]) - s._prepared.pre.crop_start - s._state.regions[0].start
+    np.testing.assert_array_equal(scanned[-1], newest)
+
+
+def test_sessions_shorter_than_the_recent_clicks_equal_those_with_every_click(model, monkeypatch):
+    s, box, clicks = _long_session(model, 30)
+    s.set_box(box)
+    for voxel, positive in clicks:
+        s.add_click(voxel, positive)
+    volume = s._volume
+    monkeypatch.setattr(session_module, "RECENT_CLICKS", 10 ** 9)
+    every = InteractiveSession.replay(model, volume, s.prompts, cache=EmbeddingCache(), **s.settings())
+    np.testing.assert_array_equal(every.mask, s.mask)
+    assert torch.equal(every._state.logits, s._state.logits)
+    assert torch.equal(every.hidden_state, s.hidden_state)
+    # the comparison can tell: with fewer recent clicks than the session has, the result differs
+    monkeypatch.setattr(session_module, "RECENT_CLICKS", 5)
+    fewer = InteractiveSession.replay(model, volume, s.prompts, cache=EmbeddingCache(), **s.settings())
+    assert not torch.equal(fewer._state.logits, s._state.logits)

@@ -126,22 +126,38 @@ def ball_box(centre, radius: float, shape) -> tuple[slice, slice, slice] | None:
     return box if all(s.start < s.stop for s in box) else None
 
 
+def _disagreeing_near(pred: np.ndarray, click: np.ndarray, label: bool, k: int,
+                      radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels of ``pred`` that disagree with ``label`` within ``radius`` of ``click``, or only those within a smaller
+    ball when that one already holds ``k`` of them (then it holds the click's k nearest): coords (n, 3) in raster
+    order and their distances (n,). Growing the ball from about twice the size of k voxels keeps a click whose
+    neighbourhood is mostly wrong from paying for its whole radius."""
+    reach = min(float(radius), 2.0 * (3 * k / (4 * math.pi)) ** (1 / 3))
+    while True:
+        box = ball_box(click, reach, pred.shape)
+        if box is not None:
+            # distances only for the disagreeing voxels of the ball's box, not the whole box
+            grid = np.stack(np.nonzero(pred[box] != label), axis=1) + np.array([s.start for s in box])
+            dist = np.sqrt(((grid - click) ** 2).sum(axis=1))
+            near = dist <= reach
+            if reach >= radius or int(near.sum()) >= k:
+                return grid[near], dist[near]
+        elif reach >= radius:
+            return np.zeros((0, 3), np.int64), np.zeros((0,), np.float64)
+        reach = min(float(radius), 2 * reach)
+
+
 def error_points(pred: np.ndarray, clicks: np.ndarray, labels: np.ndarray, k: int,
                  radius: float) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels within ``radius`` of a click whose prediction disagrees with that click's label, nearest first:
-    coords (n, 3), the disagreeing click's label (n,)."""
+    """The ``k`` voxels within ``radius`` of a click whose prediction disagrees with that click's label, nearest
+    first (ties by raster order, then click order; a voxel near two clicks may come twice): coords (n, 3), the
+    disagreeing click's label (n,)."""
     found_c, found_l, found_d = [], [], []
     for click, label in zip(clicks, labels):
-        box = ball_box(click, radius, pred.shape)
-        if box is None:
-            continue
-        part = pred[box]
-        grid = np.indices(part.shape).reshape(3, -1).T + np.array([s.start for s in box])
-        dist = np.sqrt(((grid - click) ** 2).sum(axis=1))
-        wrong = (dist <= radius) & (part.reshape(-1) != bool(label))
-        found_c.append(grid[wrong])
-        found_l.append(np.full(int(wrong.sum()), float(label), np.float32))
-        found_d.append(dist[wrong])
+        coords, dist = _disagreeing_near(pred, click, bool(label), k, radius)
+        found_c.append(coords)
+        found_l.append(np.full(len(coords), float(label), np.float32))
+        found_d.append(dist)
     if not found_c:
         return np.zeros((0, 3), np.int64), np.zeros((0,), np.float32)
     coords, lab, dist = np.concatenate(found_c), np.concatenate(found_l), np.concatenate(found_d)

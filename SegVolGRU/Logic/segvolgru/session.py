@@ -1,11 +1,12 @@
 """Interactive sessions: one structure of one volume, refined click by click (``mode="interactive"``).
 
-Only the user's prompts reach SegVol: the box (clipped to each window) and every click with its true polarity, in
-the zoom-out pass and in every window that contains it. The zoom-in ROI (zoom-out mask ∪ box ∪ clicks, padded the
-official way) is frozen after the first prompt; a click inside it re-decodes only the windows that contain it, a
-click outside it adds a window around it. After SegVol, the stateful GRU correction and the multi-round fusion run
-(see :mod:`segvolgru.correction`). Every step can be undone and redone exactly; replaying the prompt list rebuilds
-a bit-identical session. Prompts are (K, J, I) voxel indices of the volume.
+Only the user's prompts reach SegVol: the box (clipped to each window) and the clicks with their true polarity, in
+the zoom-out pass and in every window that contains them, the newest :data:`RECENT_CLICKS` of them in each, so that
+a click costs the same however long the session is (an older click keeps what it already wrote). The zoom-in ROI
+(zoom-out mask ∪ box ∪ clicks, padded the official way) is frozen after the first prompt; a click inside it
+re-decodes only the windows that contain it, a click outside it adds a window around it. After SegVol, the stateful
+GRU correction and the multi-round fusion run (see :mod:`segvolgru.correction`). Every step can be undone and redone
+exactly; replaying the prompt list rebuilds a bit-identical session. Prompts are (K, J, I) voxel indices of the volume.
 """
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ MAX_HISTORY = 50
 _SESSION_SETTINGS = {"overlap": "float", "gru": "bool", "text": "str | None", "require_box": "bool"}
 # what a stored prompt holds, by type
 _PROMPT_KEYS = {"box": {"type", "box"}, "click": {"type", "voxel", "positive"}}
+# The most clicks one decoder run sees (the newest in its window, or in the volume for the zoom-out pass) and the
+# correction's error rows look around (the newest in the region): the decoder's cost grows with its prompt count and
+# the error rows' with the clicks they scan. Sessions with fewer clicks are unaffected.
+RECENT_CLICKS = 50
 
 
 @dataclass
@@ -320,9 +325,10 @@ class InteractiveSession:
         return state
 
     def _zoom_out_logits(self, crop_box, crop_pts, labels) -> torch.Tensor:
-        """The zoom-out pass with the box and every click (true polarity), nearest-upsampled to the crop."""
+        """The zoom-out pass with the box and the newest clicks (true polarity), nearest-upsampled to the crop."""
         prepared, spatial = self._prepared, self.engine.window
         zoom_box = box_to_zoom_out(crop_box, prepared.crop_shape, spatial) if crop_box is not None else None
+        crop_pts, labels = crop_pts[-RECENT_CLICKS:], labels[-RECENT_CLICKS:]
         zoom_pts = points_to_zoom_out(crop_pts, prepared.crop_shape, spatial) if len(crop_pts) else crop_pts
         low = self.engine.decode(self.engine.zoom_out_embedding(prepared), ("zoom_out", prepared.key), zoom_box,
                                  zoom_pts, labels, self._text_emb, self.text)
@@ -369,7 +375,7 @@ class InteractiveSession:
             local_pts = crop_pts - offset
             inside = np.all((local_pts >= 0) & (local_pts < np.asarray(window)), axis=1)
             if inside.any():
-                pts, lab = local_pts[inside], labels[inside]
+                pts, lab = local_pts[inside][-RECENT_CLICKS:], labels[inside][-RECENT_CLICKS:]
         return box, pts, lab
 
     def _window_logits_for(self, region: _Region, index: int, crop_box, crop_pts, labels):
@@ -482,14 +488,16 @@ class InteractiveSession:
 
     def _correct(self, state: _State, crop_pts, labels, step: _Step | None = None,
                  region: _Region | None = None) -> None:
-        """GRU correction of the region of the newest click; the hidden state moves on by one click."""
+        """GRU correction of the region of the newest click (error rows around the newest clicks in it); the hidden
+        state moves on by one click."""
         region = region or state.regions[0]
         sl = roi_slices(region.box)
         logits = state.logits[sl]
         local_clicks = crop_pts - region.start
         inside = np.all((local_clicks >= 0) & (local_clicks < np.asarray(logits.shape)), axis=1)
         config = self.correction_config
-        rows = build_rows(torch.sigmoid(logits).numpy(), local_clicks[inside], labels[inside], config)
+        rows = build_rows(torch.sigmoid(logits).numpy(), local_clicks[inside][-RECENT_CLICKS:],
+                          labels[inside][-RECENT_CLICKS:], config)
         hidden = state.hidden if state.hidden is not None else self.model.correction.initial_state()
         with torch.inference_mode():
             delta, hidden = self.model.correction(rows, hidden)
