@@ -42,21 +42,13 @@ _NEGATIVE_COLOR = (0.95, 0.25, 0.2)
 _MARKUPS = slicer.vtkMRMLMarkupsNode
 # Placing, dropping and deleting a point update at once; other moves (Markups table, scripts) after a pause.
 _POINT_EVENTS = (_MARKUPS.PointPositionDefinedEvent, _MARKUPS.PointEndInteractionEvent, _MARKUPS.PointRemovedEvent)
-_POINT_MOVED_EVENT = _MARKUPS.PointModifiedEvent
+_POINT_MOVED_EVENT = _MARKUPS.PointModifiedEvent  # also while dragging: ignored from drag start to drop
+_DRAG_STARTED_EVENT = _MARKUPS.PointStartInteractionEvent
 _TRANSFORM_EVENT = slicer.vtkMRMLTransformableNode.TransformModifiedEvent
 # How the panel and the status line name the bundled model, wherever they say which weights are in use.
 _DEMO_LABEL = "DEMO model — trained on phantoms, not for clinical use"
 # Parameter node fields that hold nodes; each has a selector named <field>Selector in the .ui file.
 _NODE_PARAMETERS = ("inputVolume", "roi", "positivePoints", "negativePoints", "segmentation")
-
-
-def __getattr__(name: str):
-    """``SegVolGRU.InstallError`` is the engine's, which loads on first use, not when Slicer imports this file."""
-    if name == "InstallError":
-        from segvolgru.errors import InstallError
-
-        return InstallError
-    raise AttributeError(name)
 
 
 def versionProblem() -> str | None:
@@ -140,6 +132,7 @@ class SegVolGRUWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observed = []
         self._shortcuts = []
         self._shown = False
+        self._dragging = False
         self._updateTimer = None
 
     def setup(self) -> None:
@@ -177,7 +170,6 @@ class SegVolGRUWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateTimer.setSingleShot(True)
         self._updateTimer.setInterval(_DEBOUNCE_MS)
         self._updateTimer.connect("timeout()", self.onPromptsMoved)
-
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         # A closed scene stays empty: the parameter node comes back with the user's next selection.
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.updateButtons)
@@ -185,10 +177,8 @@ class SegVolGRUWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateWeightsStatus()
 
     def cleanup(self) -> None:
-        """Module unload or reload: never waits for a running prediction, whose result is then dropped."""
-        if self._updateTimer is not None:
-            self._updateTimer.stop()
-        self._stopObservingPrompts()
+        """Module unload or reload (no exit() comes): undo what enter() did; never wait for a prediction."""
+        self.exit()
         self.removeObservers()
         if self.logic is not None:
             self.logic.statusCallback = logging.info
@@ -198,14 +188,11 @@ class SegVolGRUWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         self._shown = True
         # Bind to the scene's parameter node when there is one; otherwise the first selection creates it.
-        existing = self.logic.existingParameterNode()
-        if existing is not None:
-            self.setParameterNode(existing)
-        # Scoped to the panel: with the main window as parent, Ctrl+Z / Ctrl+Y would clash with Edit > Undo/Redo.
-        for keys, slot in (("Ctrl+Return", self.onSegmentButton),
-                           ("Ctrl+Z", self.ui.undoButton.click),
-                           ("Ctrl+Y", self.ui.redoButton.click),
-                           ("Ctrl+Shift+Z", self.ui.redoButton.click)):
+        if self.logic.existingParameterNode() is not None:
+            self.setParameterNode(self.logic.existingParameterNode())
+        # Scoped to the panel, so they never take the application's own shortcuts elsewhere.
+        for keys, slot in (("Ctrl+Return", self.onSegmentButton), ("Ctrl+Z", self.ui.undoButton.click),
+                           ("Ctrl+Y", self.ui.redoButton.click), ("Ctrl+Shift+Z", self.ui.redoButton.click)):
             shortcut = qt.QShortcut(qt.QKeySequence(keys), self.parent)
             shortcut.setContext(qt.Qt.WidgetWithChildrenShortcut)
             shortcut.connect("activated()", slot)
@@ -218,7 +205,8 @@ class SegVolGRUWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             shortcut.disconnect("activated()")
             shortcut.setParent(None)
         self._shortcuts = []
-        self._updateTimer.stop()
+        if self._updateTimer is not None:
+            self._updateTimer.stop()
         self._stopObservingPrompts()
         self.setParameterNode(None)
 
@@ -292,41 +280,50 @@ class SegVolGRUWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if points is not None and self._shown:
                 color_points(points, color)
                 self._observed += [(points, event, self.onPointsEdited) for event in _POINT_EVENTS]
-                self._observed.append((points, _POINT_MOVED_EVENT, self.onPromptMoved))
+                self._observed += [(points, _POINT_MOVED_EVENT, self.onPromptMoved),
+                                   (points, _DRAG_STARTED_EVENT, self.onDragStarted)]
                 moved.append(points)
         self._observed += [(n, _TRANSFORM_EVENT, self.onPromptMoved) for n in moved if n is not None and self._shown]
         for node, event, method in self._observed:
             self.addObserver(node, event, method)
 
+    def onDragStarted(self, caller, event) -> None:
+        self._dragging = True
+
     def onPointsEdited(self, caller, event) -> None:
+        self._dragging = False
         if self._parameterNode and self._parameterNode.autoUpdate and not self.logic.applying:
             self.run(lambda: self.logic.syncClicks(self._parameterNode), mayInstall=False)
 
     def onPromptMoved(self, caller=None, event=None) -> None:
         """A point moved without an end of interaction, or a transform changed: update after a pause."""
-        if self._parameterNode and self._parameterNode.autoUpdate and not self.logic.applying:
+        if self._parameterNode and self._parameterNode.autoUpdate and not self.logic.applying and not self._dragging:
             self._updateTimer.start()
 
     def onPromptsMoved(self) -> None:
         if self._parameterNode and self._shown:
             self.run(lambda: self.logic.update(self._parameterNode), mayInstall=False)
 
-    def onSegmentChanged(self, segmentId) -> None:
-        if segmentId and self._parameterNode and self._parameterNode.inputVolume:
-            self.run(lambda: self.logic.selectSegment(self._parameterNode, segmentId), needsModel=False)
+    def onSegmentChanged(self, segmentId, deferred: bool = False) -> None:
+        node = self._parameterNode
+        if not segmentId or not node or not node.inputVolume:
+            return
+        if self.ui.segmentSelectorWidget.currentNode() is not node.segmentation:
+            # the selector changes before the parameter node stores its new segmentation: act once it has
+            if not deferred:
+                qt.QTimer.singleShot(0, lambda: self.onSegmentChanged(segmentId, True))
+            return
+        self.run(lambda: self.logic.selectSegment(node, segmentId), needsModel=False)
 
     def onLogicSelectedSegment(self, segmentId: str) -> None:
-        """An undo or redo selected the segment it acted on."""
+        """A new segment, or an undo or redo that selected the segment it acted on."""
+        self.ui.segmentSelectorWidget.setCurrentNode(self._parameterNode.segmentation)
         if self.ui.segmentSelectorWidget.currentSegmentID() != segmentId:
             self.ui.segmentSelectorWidget.setCurrentSegmentID(segmentId)
 
     def onNewSegment(self) -> None:
-        def create():
-            segmentId = self.logic.newSegment(self._ensureParameterNode())
-            self.ui.segmentSelectorWidget.setCurrentNode(self._parameterNode.segmentation)
-            self.ui.segmentSelectorWidget.setCurrentSegmentID(segmentId)
-
-        self.run(create, needsModel=False)
+        self.run(lambda: self.onLogicSelectedSegment(self.logic.newSegment(self._ensureParameterNode())),
+                 needsModel=False)
 
     def onSegmentButton(self) -> None:
         self.run(lambda: self.logic.segment(self._ensureParameterNode()))
@@ -395,6 +392,7 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
         self.applying = False
         self._workflow = None
         self._workflowKey = None
+        self._pendingSegment = None
         self._generation = 0  # bumped when the model changes: a step computed with the old one is dropped
         self._model = None
         self._modelDescription = ""
@@ -419,12 +417,8 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
         anything missing raises InstallError naming it."""
         if self.requirementsChecked:
             return
-        from segvolgru.errors import InstallError
         from segvolgru.slicer_bridge.requirements import ensure_requirements
 
-        problem = versionProblem()
-        if problem:
-            raise InstallError(problem)
         try:
             import slicer.packaging as packaging  # Slicer 5.12 and later
         except ImportError:
@@ -433,7 +427,7 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
             lambda path, constraints: packaging.pip_ensure(packaging.load_requirements(path), constraints=constraints,
                                                            requester="SegVolGRU"))
         ensure_requirements(
-            self.resourcePath("requirements.txt"), testing=slicer.app.testingEnabled(),
+            self.resourcePath("requirements.txt"), problem=versionProblem(), testing=slicer.app.testingEnabled(),
             install_torch=lambda requirement: self._installTorch(requirement, askConfirmation),
             torch_version=lambda: __import__("torch").__version__, pip_ensure=pipEnsure,
             pip_install=slicer.util.pip_install, temporary_folder=slicer.app.temporaryPath,
@@ -519,8 +513,7 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
         started = time.monotonic()
         try:
             while not self._download.done() and not progress.wasCanceled:
-                progress.labelText = _("Downloading the SegVol weights (700 MB): {0} s").format(
-                    int(time.monotonic() - started))
+                progress.labelText = _("Downloading the SegVol weights: {0} s").format(int(time.monotonic() - started))
                 slicer.app.processEvents()
                 concurrent.futures.wait([self._download], timeout=_WAIT_S)
         finally:
@@ -563,28 +556,30 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
             self._workflow.close()
         self._workflow, self._workflowKey = None, None
 
+    @staticmethod
+    def _key(parameterNode):
+        volume, segmentation = parameterNode.inputVolume, parameterNode.segmentation
+        return (volume.GetID() if volume else None, segmentation.GetID() if segmentation else None)
+
     def workflow(self, parameterNode):
-        """The workflow for the panel's volume and segmentation (a new one when either changed)."""
+        """The workflow for the panel's volume and segmentation (a new one when either changed; a segmentation
+        named after the volume when none is selected)."""
         from segvolgru.errors import InputError
         from segvolgru.slicer_bridge import SegmentationWorkflow
 
-        volume, segmentation = parameterNode.inputVolume, parameterNode.segmentation
-        if volume is None:
+        if parameterNode.inputVolume is None:
             raise InputError(_("No input volume: select the volume to segment first."))
-        if segmentation is None:
-            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
-                                                              f"{volume.GetName()} SegVolGRU")
-            segmentation.CreateDefaultDisplayNodes()
-            segmentation.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
-            parameterNode.segmentation = segmentation
-        key = (volume.GetID(), segmentation.GetID())
-        if self._workflow is None or key != self._workflowKey:
+        if self._workflow is None or self._key(parameterNode) != self._workflowKey:
             self.forgetWorkflow()
             self._workflow = SegmentationWorkflow.open(
-                slicer.mrmlScene, volume, segmentation, self.loadModel, app_logic=slicer.app.applicationLogic(),
-                settings=self.sessionSettings(parameterNode),
+                slicer.mrmlScene, parameterNode.inputVolume, parameterNode.segmentation, self.loadModel,
+                app_logic=slicer.app.applicationLogic(), settings=self.sessionSettings(parameterNode),
                 masking_from=lambda: slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode"))
-            self._workflowKey = key
+            parameterNode.segmentation = self._workflow.segmentation_node
+            self._workflowKey = self._key(parameterNode)
+            pending, self._pendingSegment = self._pendingSegment, None
+            if pending and self._workflow.segmentation_node.GetSegmentation().GetSegment(pending) is not None:
+                self._guarded(lambda: self._workflow.select_segment(pending))
         elif self._workflow.settings != self.sessionSettings(parameterNode):
             self._workflow.set_settings(self.sessionSettings(parameterNode))
         return self._workflow
@@ -609,9 +604,11 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
         self.syncClicks(parameterNode)
 
     def update(self, parameterNode) -> None:
-        """After moves and transform changes: what Segment does, once the segment has a box."""
+        """After moves and transform changes, once the segment has a box: the box when the ROI moved, then the
+        clicks not applied yet; silent when nothing changed."""
         if self._workflow is not None and any(p["type"] == "box" for p in self._workflow.prompts()):
-            self.segment(parameterNode)
+            self.submit(lambda: self.workflow(parameterNode).segment_step(
+                parameterNode.roi, parameterNode.positivePoints, parameterNode.negativePoints))
 
     def _boxOrPendingStep(self, parameterNode):
         step = self.workflow(parameterNode).segment_step(parameterNode.roi, parameterNode.positivePoints,
@@ -632,12 +629,16 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
         self.submit(lambda: self.workflow(parameterNode).redo_step())
 
     def selectSegment(self, parameterNode, segmentId: str) -> None:
+        """Prompts go to this segment; before its workflow exists the choice waits for it (nothing is built)."""
         self.waitForIdle()
-        self.workflow(parameterNode).select_segment(segmentId)
+        if self._workflow is None or self._workflowKey != self._key(parameterNode):
+            self._pendingSegment = segmentId
+        else:
+            self._guarded(lambda: self._workflow.select_segment(segmentId))
 
     def newSegment(self, parameterNode) -> str:
         self.waitForIdle()
-        return self.workflow(parameterNode).new_segment()
+        return self._guarded(self.workflow(parameterNode).new_segment)
 
     def resetPrompts(self, parameterNode) -> None:
         """Forget the segment's prompts and remove their points; the voxels stay. Undo brings them back."""
@@ -658,9 +659,7 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
         finally:
             self.applying = False
 
-    def submit(self, request, coalesce: str | None = None) -> None:
-        """Queue ``request`` (main thread; returns a workflow Step or None) and start it when the worker is free.
-        With ``coalesce``, a request of that kind already waiting is not queued twice (one sync covers all)."""
+    def _stepQueue(self):
         if self._steps is None:
             from segvolgru.slicer_bridge import StepQueue
 
@@ -669,13 +668,17 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
                 on_started=self._stepStarted, on_dropped=self._stepDropped, on_error=self._report,
                 schedule=lambda seconds, poll: qt.QTimer.singleShot(int(seconds * 1000), poll),
                 poll_gap_seconds=_POLL_GAP_MS / 1000, wait_seconds=_WAIT_S)
+        return self._steps
 
+    def submit(self, request, coalesce: str | None = None) -> None:
+        """Queue ``request`` (main thread; returns a workflow Step or None) and start it when the worker is free.
+        With ``coalesce``, a request of that kind already waiting is not queued twice (one sync covers all)."""
         def prepare():
             step = request()
             # Every request prepares its step through workflow(), so self._workflow is the one it belongs to.
             return None if step is None else ((self._workflow, self._generation), step)
 
-        self._steps.submit(prepare, coalesce)
+        self._stepQueue().submit(prepare, coalesce)
 
     def _stepStarted(self, step) -> None:
         self.statusCallback(_("{0}: predicting...").format(step.action))
@@ -706,10 +709,9 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
             self._steps.wait_idle(timeoutSeconds, lambda: slicer.app.processEvents())
 
     def shutdown(self) -> None:
-        """Stop without waiting: a running prediction finishes on its thread and is never applied."""
-        if self._steps is not None:
-            self._steps.shutdown()
-            self._steps = None
+        """Stop for good without waiting: a running prediction finishes on its thread and is never applied, and
+        later requests are ignored (a reloaded module has a new Logic)."""
+        self._stepQueue().shutdown()
 
 
 #
@@ -726,17 +728,12 @@ class SegVolGRUTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
-        try:
-            import torch
-        except Exception as error:
-            self.delayDisplay(f"Skipped: torch is not available ({error}); install it with the PyTorch Utils module")
-            return
-        for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for device in ("cpu", "cuda"):
             self.setUp()
             try:
                 self.test_panelWorkflowOnGeneratedVolume(device)
             except unittest.SkipTest as reason:
-                self.delayDisplay(f"Skipped: {reason}")
+                self.delayDisplay(f"Skipped on {device}: {reason}")
 
     def test_panelWorkflowOnGeneratedVolume(self, device: str = "cpu") -> None:
         """Box, a click applied by Segment, one by a (coalesced) sync, undo/redo of clicks and of Clear."""
@@ -750,6 +747,8 @@ class SegVolGRUTest(ScriptedLoadableModuleTest):
             from segvolgru.slicer_bridge import kji_to_world, new_volume_node, read_segment_mask
 
             segvolgru.demo_model_path()  # WeightsError in a build without the DEMO model
+            if device == "cuda" and not __import__("torch").cuda.is_available():
+                raise unittest.SkipTest("no CUDA device")
         except (InstallError, WeightsError) as error:
             raise unittest.SkipTest(str(error)) from None
         logic.device, logic.weightsPath = device, None

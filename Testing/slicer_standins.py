@@ -1,11 +1,11 @@
 """Stand-ins for exactly what the ``slicer-core`` wheel lacks, so that pytest executes ``SegVolGRU/SegVolGRU.py``.
 
 Real: MRML, markups, segmentations, the segment editor logic, ``slicer.util`` (from slicer-core). Stood in: the
-``qt`` module (an event loop of single-shot timers, settings in memory, an elapsed timer), ``slicer.app``
-(testing mode, ``processEvents`` running due timers, the application logic of a ``HeadlessSlicer``),
-``slicer.i18n``, ``slicer.parameterNodeWrapper`` (typed attributes stored in a scripted module node as Slicer
-stores them) and the ``ScriptedLoadableModule`` base classes. Widgets are not stood in: the panel's look and its
-signal order need the real application.
+``qt`` module (an event loop of single-shot timers, settings in memory, shortcuts, the .ui loader building the
+widgets of Testing/slicer_widget_standins.py), ``slicer.app`` (testing mode, ``processEvents`` running due timers,
+the application logic of a ``HeadlessSlicer``), ``slicer.i18n``, ``slicer.parameterNodeWrapper`` (typed attributes
+stored in a scripted module node as Slicer stores them) and the ``ScriptedLoadableModule`` base classes. The
+panel's look and Qt's exact signal order need the real application.
 """
 from __future__ import annotations
 
@@ -55,9 +55,88 @@ def _qt_module(loop: _EventLoop) -> types.ModuleType:
     settings: dict[str, object] = {}
 
     class QTimer:
+        """Single-shot timers on the stand-in loop; an instance restarts on start() and fires once."""
+
+        def __init__(self) -> None:
+            self._interval, self._slots, self._generation = 0, [], 0
+            self.active = False
+
         @staticmethod
         def singleShot(milliseconds, callback):
             loop.single_shot(milliseconds, callback)
+
+        def setSingleShot(self, single: bool) -> None:
+            pass
+
+        def setInterval(self, milliseconds: int) -> None:
+            self._interval = milliseconds
+
+        def connect(self, signal, slot) -> None:
+            self._slots.append(slot)
+
+        def start(self) -> None:
+            self._generation += 1
+            self.active, generation = True, self._generation
+            loop.single_shot(self._interval, lambda: self._fire(generation))
+
+        def stop(self) -> None:
+            self._generation += 1
+            self.active = False
+
+        def _fire(self, generation: int) -> None:
+            if generation == self._generation and self.active:
+                self.active = False
+                for slot in self._slots:
+                    slot()
+
+    class QShortcut:
+        """Registered in ``qt.shortcuts`` while connected, so tests can press them."""
+
+        def __init__(self, keys, parent) -> None:
+            self.keys, self.parent, self.slot, self.context = keys.keys, parent, None, None
+
+        def setContext(self, context) -> None:
+            self.context = context
+
+        def connect(self, signal, slot) -> None:
+            self.slot = slot
+            qt.shortcuts.append(self)
+
+        def disconnect(self, signal) -> None:
+            self.slot = None
+            qt.shortcuts.remove(self)
+
+        def setParent(self, parent) -> None:
+            self.parent = parent
+
+    class QKeySequence:
+        def __init__(self, keys: str) -> None:
+            self.keys = keys
+
+    class QFile:
+        ReadOnly = 1
+
+        def __init__(self, path) -> None:
+            self.path = str(path)
+
+        def exists(self) -> bool:
+            return Path(self.path).is_file()
+
+        def open(self, mode) -> bool:
+            return True
+
+    class QUiLoader:
+        def load(self, qfile):
+            from slicer_widget_standins import load_ui
+
+            return load_ui(qfile.path)
+
+    class QFileDialog:
+        answer = ""  # what the next getOpenFileName returns (a test sets it)
+
+        @classmethod
+        def getOpenFileName(cls, *args):
+            return cls.answer
 
     class QSettings:
         def value(self, key, default=None):
@@ -82,9 +161,10 @@ def _qt_module(loop: _EventLoop) -> types.ModuleType:
     class Qt:
         WidgetWithChildrenShortcut, WindowModal, WaitCursor = 1, 2, 3
 
-    for cls in (QTimer, QSettings, QElapsedTimer, QEventLoop, QMessageBox, Qt):
+    for cls in (QTimer, QSettings, QElapsedTimer, QEventLoop, QMessageBox, Qt, QShortcut, QKeySequence, QFile,
+                QUiLoader, QFileDialog):
         setattr(qt, cls.__name__, cls)
-    qt.settings = settings
+    qt.settings, qt.shortcuts = settings, []
     return qt
 
 
@@ -106,6 +186,9 @@ class _App:
 
     def applicationLogic(self):
         return self._headless.app_logic
+
+    def topLevelWidgets(self) -> list:
+        return []
 
 
 def _parameter_node_wrapper(cls):
@@ -140,11 +223,30 @@ def _parameter_node_wrapper(cls):
             else:
                 node.SetParameter(name, str(value))
 
+        def AddObserver(self, event, callback, priority=0.0):
+            return self.parameterNode.AddObserver(event, callback, priority)
+
+        def RemoveObserver(self, tag):
+            self.parameterNode.RemoveObserver(tag)
+
+        def StartModify(self):
+            return self.parameterNode.StartModify()
+
+        def EndModify(self, was_modifying):
+            self.parameterNode.EndModify(was_modifying)
+
+        def Modified(self):
+            self.parameterNode.Modified()
+
         def connectGui(self, gui):
-            raise NotImplementedError("widgets need the Slicer application")
+            from slicer_widget_standins import connect_gui
+
+            return connect_gui(self, gui)
 
         def disconnectGui(self, tag):
-            raise NotImplementedError("widgets need the Slicer application")
+            from slicer_widget_standins import disconnect_gui
+
+            disconnect_gui(self, tag)
 
     def _resolve(kind):
         if isinstance(kind, str):
@@ -170,7 +272,17 @@ def _scripted_loadable_module() -> types.ModuleType:
 
     class ScriptedLoadableModuleWidget:
         def __init__(self, parent=None) -> None:
-            self.parent = parent
+            from slicer_widget_standins import StandInWidget
+
+            self.moduleName = type(self).__name__.removesuffix("Widget")
+            self.parent = parent or StandInWidget("qMRMLWidget")
+            self.layout = self.parent.layout()
+
+        def resourcePath(self, filename):
+            return str(MODULE_FILE.parent / "Resources" / filename)
+
+        def setup(self) -> None:
+            pass
 
     class ScriptedLoadableModuleLogic:
         def __init__(self, parent=None) -> None:
@@ -213,9 +325,12 @@ class SlicerStandIns:
         self._modules = {"qt": self.qt, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper,
                          "slicer.ScriptedLoadableModule": _scripted_loadable_module()}
         self._saved_modules = {name: sys.modules.get(name) for name in self._modules}
-        self._saved_attributes = {name: getattr(slicer, name, None) for name in ("app", "mrmlScene")}
+        self._saved_attributes = {name: getattr(slicer, name, None)
+                                  for name in ("app", "mrmlScene", "qSlicerMarkupsPlaceWidget")}
         sys.modules.update(self._modules)
         slicer.app, slicer.mrmlScene = self.app, headless.scene
+        slicer.qSlicerMarkupsPlaceWidget = type("qSlicerMarkupsPlaceWidget", (), {
+            "ForcePlaceSingleMarkup": 1, "ForcePlaceMultipleMarkups": 2})
         spec = importlib.util.spec_from_file_location("SegVolGRU", MODULE_FILE)
         self.module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(self.module)

@@ -99,7 +99,7 @@ def test_parameter_bound_widgets_name_fields_of_the_parameter_node():
 def test_module_file_has_the_five_template_classes_in_order_and_stays_short():
     names = [n.name for n in module_tree().body if isinstance(n, ast.ClassDef) and n.name.startswith("SegVolGRU")]
     assert names == ["SegVolGRU", "SegVolGRUParameterNode", "SegVolGRUWidget", "SegVolGRULogic", "SegVolGRUTest"]
-    assert len(MODULE_FILE.read_text(encoding="utf-8").splitlines()) <= 800
+    assert len(MODULE_FILE.read_text(encoding="utf-8").splitlines()) < 800
 
 
 def test_module_imports_nothing_heavy_at_import_time():

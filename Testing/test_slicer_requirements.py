@@ -16,7 +16,7 @@ def write_requirements(tmp_path, *lines):
 
 def ensure(path, tmp_path, calls, *, testing=False, version="2.5.1+cu121", pip_ensure=True, confirm=None):
     return req.ensure_requirements(
-        path, testing=testing, install_torch=lambda spec: calls.append(("torch", spec)) or True,
+        path, problem=None, testing=testing, install_torch=lambda spec: calls.append(("torch", spec)) or True,
         torch_version=lambda: version,
         pip_ensure=(lambda p, c: calls.append(("pip_ensure", p, open(c).read()))) if pip_ensure else None,
         pip_install=lambda args: calls.append(("pip_install", args)), confirm=confirm, temporary_folder=tmp_path)
@@ -56,6 +56,15 @@ def test_tests_install_nothing_and_name_what_is_missing(tmp_path):
 def test_old_python_or_slicer_is_named_with_the_upgrade(python, slicer_version, expected):
     problem = req.version_problem(python, slicer_version)
     assert (problem is None) if expected is None else (expected in problem)
+
+
+def test_a_version_problem_installs_nothing(tmp_path):
+    calls = []
+    with pytest.raises(InstallError, match="Slicer 5.10"):
+        req.ensure_requirements(write_requirements(tmp_path, "numpy"), problem="SegVolGRU needs Slicer 5.10",
+                                testing=False, install_torch=calls.append, torch_version=lambda: "2.5",
+                                pip_ensure=None, pip_install=calls.append, confirm=None, temporary_folder=tmp_path)
+    assert calls == []
 
 
 def test_version_strings_with_local_tags_compare_by_major_and_minor():

@@ -424,3 +424,25 @@ def test_prediction_failure_leaves_the_segment_as_it_was(scene, model):
     assert workflow.prompts() == prompts
     workflow.undo()  # the session comes back by replay of the last applied prompts
     assert workflow.prompts() == []
+
+
+def test_each_segment_shows_its_own_clicks_in_the_shared_point_lists(scene):
+    mrml, volume, segmentation, editor, workflow, target, _ = scene
+    editor.GetSegmentEditorNode().SetOverwriteMode(editor.GetSegmentEditorNode().OverwriteNone)
+    positive = point_list(mrml.scene, "P", [], volume)
+    workflow.set_box_from_roi(add_roi(mrml.scene, volume, (7, 18, 20), (20.0, 30.0, 30.0)))
+    positive.AddControlPointWorld(list(kji_to_world(volume, (7, 18, 20))), "A-click")
+    workflow.sync_clicks(positive, None)
+    second = workflow.new_segment("second")
+    assert positive.GetNumberOfControlPoints() == 0  # A's click left the list with A
+    workflow.set_box_from_roi(add_roi(mrml.scene, volume, (9, 10, 12), (10.0, 10.0, 10.0), degrees=0.0))
+    assert workflow.sync_clicks(positive, None) is None and clicks(workflow) == []
+    positive.AddControlPointWorld(list(kji_to_world(volume, (9, 10, 12))), "B-click")
+    workflow.sync_clicks(positive, None)
+    workflow.select_segment("target")
+    assert [positive.GetNthControlPointLabel(i) for i in range(positive.GetNumberOfControlPoints())] == ["A-click"]
+    assert workflow.sync_clicks(positive, None) is None and clicks(workflow) == [([7, 18, 20], True)]
+    workflow.undo()  # B's click: B is selected again, its list shows B's remaining clicks (none)
+    assert workflow.segment_id == second and positive.GetNumberOfControlPoints() == 0
+    workflow.select_segment("target")
+    assert clicks(workflow) == [([7, 18, 20], True)] and positive.GetNumberOfControlPoints() == 1

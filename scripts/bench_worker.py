@@ -2,9 +2,9 @@
 same step alone. Slicer's main thread holds the GIL while Qt idles; this simulates that with a C sleep made
 with the GIL held between polls.
 
-    .venv/bin/python scripts/bench_worker.py [--idle-ms 5] [--repeats 5]
+    .venv/bin/python scripts/bench_worker.py [--idle-ms 5] [--repeats 5] [--shape 32 96 96]
 
-Prints JSON: a box and a click (encoder included) alone, with the panel's polling (wait on the future, then idle), and with the former
+Prints JSON: a box and a click (encoder included) of the DEMO model on a phantom, alone, with the panel's polling (wait on the future, then idle), and with the former
 polling (check done(), then idle 30 ms) — seconds, median of the repeats.
 """
 from __future__ import annotations
@@ -58,12 +58,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--idle-ms", type=int, default=5, help="main-thread idle between polls, GIL held")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shape", type=int, nargs=3, default=(32, 96, 96), help="phantom (K, J, I): larger, longer steps")
     args = parser.parse_args()
     model = segvolgru.load_model(segvolgru.demo_model_path())
-    volume, labels, spacing = make_phantom(3, shape=(32, 96, 96), modality="ct")
+    volume, labels, spacing = make_phantom(3, shape=tuple(args.shape), modality="ct")
     ks, js, is_ = np.nonzero(labels == np.bincount(labels[labels > 0]).argmax())
     box = (ks.min(), js.min(), is_.min(), ks.max(), js.max(), is_.max())
     voxel = (int(np.median(ks)), int(np.median(js)), int(np.median(is_)))
+    timed(BoxAndClickStep(model, volume, spacing, box, voxel), None, 0)  # warm-up: first-call costs out of the figures
     results = {}
     for name, wait, idle in (("alone_s", None, 0), ("panel_polling_s", 0.05, args.idle_ms),
                              ("former_polling_s", 0.0, 30)):

@@ -47,13 +47,15 @@ def missing_modules(requirements_path: str | os.PathLike) -> list[str]:
     return [name for name in names if importlib.util.find_spec(name.replace("-", "_")) is None]
 
 
-def ensure_requirements(requirements_path: str | os.PathLike, *, testing: bool, install_torch: Callable[[str], bool],
+def ensure_requirements(requirements_path: str | os.PathLike, *, problem: str | None, testing: bool,
+                        install_torch: Callable[[str], bool],
                         torch_version: Callable[[], str], pip_ensure: Callable[[str, str], None] | None,
                         pip_install: Callable[[list[str]], None], confirm: Callable[[str], bool] | None,
                         temporary_folder: str | os.PathLike) -> None:
     """Make torch and the packages of ``requirements_path`` importable, or raise InstallError saying what to do.
 
     Args:
+        problem: ``version_problem``'s answer for this Slicer: when not None, nothing is installed and it is raised.
         testing: install nothing; anything missing is an InstallError naming it (Slicer's --testing).
         install_torch: ``install_torch(">=2.2")`` installs torch through PyTorch Utils; returns whether it did.
         torch_version: the installed torch's ``__version__`` (imports torch).
@@ -62,6 +64,8 @@ def ensure_requirements(requirements_path: str | os.PathLike, *, testing: bool, 
         confirm: asks the user before a plain pip install; None installs without asking.
         temporary_folder: where the one-line constraints file pinning torch is written.
     """
+    if problem:
+        raise InstallError(problem)
     minimum = ".".join(str(v) for v in TORCH_MINIMUM)
     if importlib.util.find_spec("torch") is None:
         if testing:

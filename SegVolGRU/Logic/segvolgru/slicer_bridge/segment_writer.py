@@ -68,15 +68,16 @@ def create_segment_editor(scene, segmentation_node, volume_node, editor_node=Non
 def copy_masking(source_editor_node, target_editor_node) -> None:
     """Copy the masking settings (editable area, editable intensity range, overwrite mode) between editor nodes.
 
-    A single-segment editable area names a segment of the source node's segmentation; when the target's
-    segmentation has no segment with that ID the area cannot apply there and the target edits everywhere.
+    A single-segment editable area names a segment of the source node's segmentation; unless the target edits that
+    same segmentation (and the segment still exists) the area cannot apply there, and the target edits everywhere.
     """
     segmentation_class = slicer.vtkMRMLSegmentationNode
     mode = source_editor_node.GetMaskMode()
     mask_segment = source_editor_node.GetMaskSegmentID() or ""
     if mode == segmentation_class.EditAllowedInsideSingleSegment:
-        target_segmentation = target_editor_node.GetSegmentationNode()
-        if target_segmentation is None or target_segmentation.GetSegmentation().GetSegment(mask_segment) is None:
+        source, target = source_editor_node.GetSegmentationNode(), target_editor_node.GetSegmentationNode()
+        if source is None or target is None or source.GetID() != target.GetID() or \
+                target.GetSegmentation().GetSegment(mask_segment) is None:
             mode, mask_segment = segmentation_class.EditAllowedEverywhere, ""
     target_editor_node.SetMaskMode(mode)
     target_editor_node.SetMaskSegmentID(mask_segment)

@@ -63,7 +63,7 @@ class SegmentationWorkflow:
         volume_node: the scalar source volume (3-D, one component, linear transforms only); copied once.
         segmentation_node: where results go; segments are created on demand.
         editor_logic: a ``vtkSlicerSegmentEditorLogic`` for this segmentation and volume (``create_segment_editor``);
-            its editor node's masking applies and it keeps Slicer's undo history. None writes unmasked, no undo.
+            its editor node's masking applies. None writes unmasked. Undo is the workflow's own either way.
         model: a SegVol model, or a callable returning one (called once, on the first prediction, in the
             thread that computes), so that weights load lazily.
         masking_from: a callable returning the ``vtkMRMLSegmentEditorNode`` whose masking settings apply (in
@@ -109,7 +109,14 @@ class SegmentationWorkflow:
              masking_from: Callable[[], Any] | None = None) -> "SegmentationWorkflow":
         """A workflow that writes through a private segment editor node of its own (``create_segment_editor``):
         in Slicer, pass the Segment Editor module's node as ``masking_from``, never as the editor node, so the
-        user's Segment Editor keeps editing what they chose. ``close()`` removes the private node."""
+        user's Segment Editor keeps editing what they chose. ``close()`` removes the private node. With
+        ``segmentation_node`` None a segmentation named after the volume, under its transform, is added."""
+        if volume_node is None:
+            raise InputError("No input volume: select the volume to segment (or load one) first.")
+        if segmentation_node is None:
+            segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} SegVolGRU")
+            segmentation_node.CreateDefaultDisplayNodes()
+            segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
         editor = create_segment_editor(scene, segmentation_node, volume_node, None, app_logic)
         try:
             return cls(scene, volume_node, segmentation_node, editor, model, settings, cache, masking_from)
@@ -134,7 +141,7 @@ class SegmentationWorkflow:
             names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
             raise InputError(f"Segmentation '{self.segmentation_node.GetName()}' has no segment '{segment}' "
                              f"(it has {names}); pick one of those or create a new segment.")
-        self.segment_id = segment_id
+        self._switch_to(segment_id)
         return segment_id
 
     def new_segment(self, name: str | None = None) -> str:
@@ -147,8 +154,17 @@ class SegmentationWorkflow:
             name = f"Segment {number}"
         elif segmentation.GetSegmentIdBySegmentName(name):
             raise InputError(f"A segment named '{name}' already exists; select it, or choose another name.")
-        self.segment_id = ensure_segment(self.segmentation_node, name)
+        self._switch_to(ensure_segment(self.segmentation_node, name))
         return self.segment_id
+
+    def _switch_to(self, segment_id: str) -> None:
+        """Select a segment. Every segment's clicks live in the same point lists, so the lists stop showing the
+        previous segment's clicks (they come back when it is selected again) and show this one's."""
+        if segment_id != self.segment_id:
+            shown, wanted = self._states.get(self.segment_id or ""), self._states.get(segment_id)
+            place_points(self.scene, [] if shown is None else shown.sources[:click_count(shown.prompts)],
+                         [] if wanted is None else wanted.sources[:click_count(wanted.prompts)])
+        self.segment_id = segment_id
 
     def _current_segment(self) -> str:
         if self.segment_id is None:
@@ -327,9 +343,11 @@ class SegmentationWorkflow:
         return self._history_step("Redo", self.history.next_redo(), undo=False)
 
     def _history_step(self, action: str, entry: HistoryEntry, undo: bool) -> Step:
-        if self.segmentation_node.GetSegmentation().GetSegment(entry.segment_id) is None:
-            raise InputError(f"The segment that step was on ('{entry.segment_id}') was deleted; it cannot be "
-                             f"{'undone' if undo else 'redone'}.")
+        segmentation = self.segmentation_node.GetSegmentation()
+        for segment_id in {entry.segment_id, *(patch.segment_id for patch in entry.patches)}:
+            if segmentation.GetSegment(segment_id) is None:
+                raise InputError(f"Segment '{segment_id}', which that step changed, was deleted; the step cannot be "
+                                 f"{'undone' if undo else 'redone'}.")
         source, target = (entry.after, entry.before) if undo else (entry.before, entry.after)
         state = self._state(entry.segment_id)
 
@@ -413,12 +431,12 @@ class SegmentationWorkflow:
         target = entry.before if undo else entry.after
         restore_segment_voxels(self.segmentation_node, self.volume_node,
                                [(p.segment_id, p.extent, p.values(after=not undo)) for p in entry.patches])
+        self._switch_to(entry.segment_id)
         state = self._state(entry.segment_id)
         place_points(self.scene, state.sources, target.sources)
         self._states[entry.segment_id] = PromptState(step.outcome.session, [dict(p) for p in target.prompts],
                                                      list(target.sources))
         self.history.undone() if undo else self.history.redone()
-        self.segment_id = entry.segment_id
         self._store(entry.segment_id)
         extent = None
         for patch in entry.patches:
@@ -498,7 +516,8 @@ class SegmentationWorkflow:
             patches = self._write(segment_id, np.zeros_like(current), extent)
         place_points(self.scene, state.sources, [])
         self._states[segment_id] = PromptState()
-        self.history.record(HistoryEntry(action, segment_id, before, PromptState(), -1, patches))
+        if patches or before.prompts:
+            self.history.record(HistoryEntry(action, segment_id, before, PromptState(), -1, patches))
         self._store(segment_id)
         return StepStatus(action, segment_id, self._segment_name(segment_id), 0.0,
                           time.perf_counter() - started, extent, 0)
