@@ -51,6 +51,16 @@ def test_segment_writes_a_label_in_the_input_geometry(tmp_path, weights, image_f
     assert int(sitk.GetArrayFromImage(label).sum()) == report["voxels"]
 
 
+@pytest.mark.parametrize(("choice", "named"), [("default", "correction.pt"), ("none", "corrector: none")])
+def test_segment_says_which_corrector_it_used(tmp_path, weights, image_file, capsys, choice, named):
+    prompts = _prompts(tmp_path, {"coordinates": "voxel", "box": [[10, 30, 20], [29, 69, 59]],
+                                  "clicks": [{"point": [20, 50, 40], "positive": True}]})
+    out = tmp_path / "label.nii.gz"
+    assert main(["segment", str(image_file), prompts, "-o", str(out), "--weights", str(weights),
+                 "--correction", choice, "--json"]) == 0
+    assert named in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["weights"]
+
+
 def test_world_prompts_map_with_the_bridge_rules(image_file):
     image = sitk.ReadImage(str(image_file))
     centre = image.TransformIndexToPhysicalPoint((40, 50, 20))  # (i, j, k)

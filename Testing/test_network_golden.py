@@ -122,3 +122,21 @@ def test_golden_hugging_face_layout_loads_the_same_numbers(model, tmp_path):
     ours, theirs = model.state_dict(), hf_model.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_official_checkpoint_runs_sessions_with_the_shipped_corrector(model):
+    from segvolgru.corrector_file import SHIPPED_CORRECTION_FILE
+    from segvolgru.session import InteractiveSession
+
+    assert model.correction is not None and model.corrector_source == str(SHIPPED_CORRECTION_FILE)
+    volume = (golden_image()[:, :128, :128] * 1000).astype(np.int16)
+    session = InteractiveSession(model, volume, spacing=(1.5, 1.5, 1.5))
+    session.set_box((8, 24, 24, 24, 100, 100))
+    result = session.add_click((16, 60, 60), positive=True)
+    assert session.correction_active and session.hidden_state is not None
+    assert result.mask.shape == volume.shape and result.mask.any()
+
+
+def test_correction_none_loads_the_official_checkpoint_without_a_corrector(official_pth):
+    bare = load_model(official_pth, correction=None)
+    assert bare.correction is None and bare.corrector_source == "none"

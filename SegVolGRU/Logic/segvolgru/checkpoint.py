@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .config import OFFICIAL_CONFIG, SegVolConfig
+from .corrector_file import attach_corrector
 from .errors import InputError, WeightsError
 from .files import readable, write_atomic
 from .network import SegVol, build_model
@@ -191,12 +192,16 @@ def apply_state(model: SegVol, ckpt: Checkpoint, source: str = "checkpoint") -> 
     model.correction_state = correction
 
 
-def load_model(path: str | os.PathLike, config: SegVolConfig | None = None, device: str = "cpu") -> SegVol:
+def load_model(path: str | os.PathLike, config: SegVolConfig | None = None, device: str = "cpu",
+               correction: str | os.PathLike | None = "default") -> SegVol:
     """Load a SegVol checkpoint into a model in eval mode on ``device`` (default CPU).
 
     With ``config=None`` a project file's own configuration is used, otherwise the official one. ``device``:
-    "cpu", "cuda", "cuda:N" or "auto". Raises InputError for a bad ``config`` or ``device`` and WeightsError
-    (CheckpointError) for a file that cannot be read, does not fit the model or holds NaN or infinite values.
+    "cpu", "cuda", "cuda:N" or "auto". ``correction``: "default" keeps a checkpoint's own click corrector and
+    gives one without (the official weights) the shipped ``models/correction.pt``; a path attaches that corrector
+    file; None runs without (see :mod:`segvolgru.corrector_file`; ``model.corrector_source`` says which).
+    Raises InputError for a bad ``config`` or ``device`` and WeightsError (CheckpointError) for a file that cannot
+    be read, does not fit the model or holds NaN or infinite values.
     """
     from .device import resolve_device
 
@@ -215,8 +220,10 @@ def load_model(path: str | os.PathLike, config: SegVolConfig | None = None, devi
     apply_state(model, ckpt, source=str(path))
     model.recipe = ckpt.recipe
     model.checkpoint_format = ckpt.format
-    log.info("loaded %s checkpoint %s", ckpt.format, path)
-    return model.to(target).eval()
+    model = model.to(target)
+    attach_corrector(model, correction)
+    log.info("loaded %s checkpoint %s (corrector: %s)", ckpt.format, path, model.corrector_source)
+    return model.eval()
 
 
 def save_checkpoint(model: SegVol, path: str | os.PathLike, recipe: dict[str, Any] | None = None,

@@ -10,10 +10,9 @@ import argparse
 import json
 import sys
 import traceback
-from pathlib import Path
 
 from .errors import InputError, WeightsError
-from .validation import positive_int
+from .validation import add_correction_argument, correction_choice, positive_int
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_INPUT, EXIT_WEIGHTS = 0, 1, 2, 3
 
@@ -46,7 +45,7 @@ def _segment(args) -> int:
     from .segment_file import segment_file
 
     report = segment_file(args.image, args.prompts, args.output, weights=args.weights, device=args.device,
-                          gru=not args.no_gru)
+                          gru=not args.no_gru, correction=correction_choice(args.correction))
     if args.json:
         print(json.dumps(report))
     elif not args.quiet:
@@ -61,7 +60,7 @@ def _evaluate(args) -> int:
 
     find_cases(args.data)  # a bad folder is a usage error before any weights load
     check_output_folder(args.output)
-    loaded = pick_model(args.weights)
+    loaded = pick_model(args.weights, correction=correction_choice(args.correction))
     if not args.quiet:
         print(f"weights: {loaded.description}", file=sys.stderr)
     summary = evaluate_folder(args.data, args.output, loaded.model, gru=not args.no_gru, fusion=not args.no_fusion,
@@ -115,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--weights", default=None)
     seg.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
     seg.add_argument("--no-gru", action="store_true", help="switch the GRU correction off")
+    add_correction_argument(seg)
     common(seg)
     seg.set_defaults(run=_segment)
 
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-o", "--output", required=True, help="output folder (CSV per case, report.md, PNGs)")
     ev.add_argument("--weights", default=None)
     ev.add_argument("--no-gru", action="store_true", help="switch the GRU correction off")
+    add_correction_argument(ev)
     ev.add_argument("--no-cache", action="store_true", help="no embedding cache (every encoder reruns)")
     ev.add_argument("--no-fusion", action="store_true", help="switch the multi-round fusion off")
     common(ev)

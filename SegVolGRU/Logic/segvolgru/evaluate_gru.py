@@ -321,12 +321,14 @@ def report(model, *, quick: bool = False, data_dir: Path | None = None, constant
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from .validation import add_correction_argument, correction_choice
     from .weights import pick_model
 
     parser = argparse.ArgumentParser(prog="segvolgru evaluate-gru", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=None, help="model file (default: resolver, else the demo model)")
     parser.add_argument("--data", default=None, help="folder holding lung2_image.nrrd and lung2_label.nrrd")
+    add_correction_argument(parser)
     parser.add_argument("--quick", action="store_true", help=f"one held-out set of at least {QUICK_STRUCTURES} "
                         "structures, no MNI152 (for checks)")
     parser.add_argument("--constant", type=float, default=None,
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    loaded = pick_model(args.weights)
+    loaded = pick_model(args.weights, correction=correction_choice(args.correction))
     result = report(loaded.model, quick=args.quick, data_dir=Path(args.data) if args.data else None,
                     constant=args.constant, progress=not args.quiet)
     result["weights"] = loaded.description

@@ -169,7 +169,8 @@ def _check_geometry_fits(image, image_path, out: Path) -> None:
                          ".nrrd or .mha, which store it exactly")
 
 
-def segment_file(image_path, prompts_path, output, weights=None, device: str = "cpu", gru: bool = True) -> dict:
+def segment_file(image_path, prompts_path, output, weights=None, device: str = "cpu", gru: bool = True,
+                 correction="default") -> dict:
     """Segment ``image_path`` with the prompts of ``prompts_path`` and write the label to ``output``.
 
     Everything that can be checked without the model is checked first: an output that resolves to an input
@@ -191,7 +192,7 @@ def segment_file(image_path, prompts_path, output, weights=None, device: str = "
     spacing = validate_spacing(image.GetSpacing()[::-1], f"{image_path}: spacing")
     _check_geometry_fits(image, image_path, out)
     box, clicks, text = prompts_to_voxels(image, read_prompts(prompts_path), str(prompts_path))
-    loaded = pick_model(weights)
+    loaded = pick_model(weights, correction=correction)
     model = loaded.model.to(resolve_device(device))
     volume = sitk.GetArrayFromImage(image)
     if box is None and not clicks:

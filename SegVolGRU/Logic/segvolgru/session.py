@@ -151,6 +151,11 @@ class InteractiveSession:
         return self.gru and self.model.correction is not None
 
     @property
+    def corrector(self) -> str:
+        """Which click corrector the session runs: the model's (``corrector_source``: its own, a file) or "off"."""
+        return getattr(self.model, "corrector_source", "own") if self.correction_active else "off"
+
+    @property
     def hidden_state(self) -> torch.Tensor | None:
         return None if self._state.hidden is None else self._state.hidden.clone()
 

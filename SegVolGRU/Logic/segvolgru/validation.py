@@ -71,3 +71,15 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
+
+
+def add_correction_argument(parser) -> None:
+    """``--correction default|none|FILE`` for the commands that load a model (argparse)."""
+    parser.add_argument("--correction", default="default", metavar="default|none|FILE",
+                        help="click corrector: default (the weights' own, else the shipped correction.pt), none, or "
+                             "a corrector file")
+
+
+def correction_choice(value: str) -> str | None:
+    """The ``correction`` argument of ``load_model`` for a ``--correction`` value."""
+    return None if value == "none" else value

@@ -321,20 +321,24 @@ class LoadedModel:
     description: str
 
 
-def pick_model(weights: str | os.PathLike | None = None, device: str = "cpu") -> LoadedModel:
+def pick_model(weights: str | os.PathLike | None = None, device: str = "cpu",
+               correction: str | os.PathLike | None = "default") -> LoadedModel:
     """The model every front end uses: official weights when present (explicit path, $SEGVOLGRU_WEIGHTS, cache),
-    else the shipped demo model. Raises WeightsError when neither can be loaded."""
+    else the shipped demo model, with its click corrector chosen by ``load_model``'s one rule (``correction``).
+    The description names both. Raises WeightsError when neither can be loaded."""
     from .checkpoint import load_model
     from .demo_model import demo_model_path
 
     path = resolve_weights(weights)
     if path is not None:
-        model = load_model(path, device=device)
+        model = load_model(path, device=device, correction=correction)
         kind = "project model" if model.checkpoint_format == "segvolgru" else "SegVol weights"
-        return LoadedModel(model, f"{kind} from {path} ({model.checkpoint_format} format)")
-    path = demo_model_path()
-    return LoadedModel(load_model(path, device=device),
-                       f"shipped DEMO model ({path.name}; trained on phantoms, not for clinical use)")
+        description = f"{kind} from {path} ({model.checkpoint_format} format)"
+    else:
+        path = demo_model_path()
+        model = load_model(path, device=device, correction=correction)
+        description = f"shipped DEMO model ({path.name}; trained on phantoms, not for clinical use)"
+    return LoadedModel(model, f"{description}; corrector: {model.corrector_source}")
 
 
 def download_in_background() -> concurrent.futures.Future:
