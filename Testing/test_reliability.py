@@ -643,3 +643,71 @@ def test_undo_past_the_history_cap_says_the_history_is_exhausted(monkeypatch):
     fresh = InteractiveSession(tiny_model(), ct_like(SHAPE))
     with pytest.raises(InputError, match="no prompts yet"):
         fresh.undo()
+
+
+# ---------------------------------------------------------------- a second pass (review of the first)
+def test_segment_refuses_an_output_that_is_the_corrector_file(tmp_path, weights, image_file):
+    from segvolgru.corrector_file import save_corrector
+
+    corrector = tmp_path / "c.nrrd"
+    save_corrector(tiny_model({"k": 8, "hidden_size": 4, "row_dim": 4}).correction, corrector)
+    before = corrector.read_bytes()
+    prompts = _prompts(tmp_path, {"coordinates": "voxel", "box": [[10, 30, 20], [29, 69, 59]]})
+    assert main(["segment", str(image_file), str(prompts), "-o", str(corrector), "--weights", str(weights),
+                 "--correction", str(corrector)]) == 2
+    assert corrector.read_bytes() == before
+
+
+def test_a_deeply_nested_prompts_file_exits_2(tmp_path, weights, image_file):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["segment", str(image_file), str(deep), "-o", str(tmp_path / "o.nrrd"),
+                 "--weights", str(weights)]) == 2
+
+
+@pytest.mark.parametrize("content", [{"config": {}, "model": {"w": [1, 2]}},
+                                     {"config": {}, "model": {}, "recipe": 5}, [1, 2]])
+def test_a_tampered_corrector_file_is_a_weights_error(tmp_path, content):
+    from segvolgru.corrector_file import read_corrector
+
+    path = tmp_path / "c.pt"
+    torch.save(content, path)
+    with pytest.raises(WeightsError, match="not a corrector file"):
+        read_corrector(path)
+
+
+@pytest.mark.parametrize("settings", [{"fusion_radius": -1.0}, {"error_radius": 0.0}, {"spread_sigma": -2.0},
+                                      {"fusion_band": [0.9, 0.1]}])
+def test_meaningless_correction_settings_are_refused(settings):
+    with pytest.raises(InputError, match="invalid session setting"):
+        InteractiveSession(tiny_model(), ct_like((8, 16, 16)), **settings)
+
+
+def test_a_device_that_is_not_a_name_and_a_nan_box_dict_are_input_errors(weights):
+    from segvolgru.clicks import box_dict_to_kji
+
+    with pytest.raises(InputError, match="device must be"):
+        load_model(weights, device=5)
+    box = {k: 1 for k in ("z_min", "z_max", "z_mid", "z_mid_y_min", "z_mid_y_max", "z_mid_x_min", "z_mid_x_max")}
+    with pytest.raises(InputError, match="not finite numbers"):
+        box_dict_to_kji({**box, "z_max": float("nan")})
+
+
+@pytest.mark.parametrize("spacing", [("1", "1", "1"), (True, True, True)])
+def test_spacing_of_strings_or_booleans_is_refused(spacing):
+    from segvolgru.validation import validate_spacing
+
+    with pytest.raises(InputError, match="three finite positive"):
+        validate_spacing(spacing)
+
+
+def test_training_outputs_and_numbers_that_cannot_be_used_exit_2(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["train", str(a_file), "--steps", "1"]) == 2
+    assert main(["train", str(tmp_path / "t"), "--steps", "1", "--lr", "nan"]) == 2
+    assert main(["train-correction", str(a_file), "--steps", "1"]) == 2
+    assert main(["download-weights", "--cache-dir", str(a_file)]) == 2
+    (tmp_path / "r").mkdir()
+    torch.save({}, tmp_path / "r" / "resume.pt")
+    assert main(["train-correction", str(tmp_path / "r"), "--steps", "1", "--quiet"]) == 2

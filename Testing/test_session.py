@@ -512,9 +512,9 @@ def test_past_the_recent_clicks_the_decoder_and_the_error_rows_see_only_the_newe
         decoded.append(np.zeros((0, 3)) if points is None else np.asarray(points).copy())
         return decode(embedding, key, box, points, *args, **kwargs)
 
-    def counting_rows(prob, clicks, labels, config):
+    def counting_rows(prob, clicks, labels, config, image=None):
         scanned.append(clicks.copy())
-        return rows(prob, clicks, labels, config)
+        return rows(prob, clicks, labels, config, image)
 
     monkeypatch.setattr(s.engine, "decode", counting_decode)
     monkeypatch.setattr(session_module, "build_rows", counting_rows)

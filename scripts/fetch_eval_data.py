@@ -17,6 +17,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from segvolgru.files import write_atomic
+
 PACKAGE, VERSION = "pyradiomics-bhklab", "3.1.4"
 MD5 = {"lung2_image.nrrd": "b5303f92aad2cbeec9a562e7d4eb594d", "lung2_label.nrrd": "db079743b5dbb9d0006bd26c82ca41d1"}
 
@@ -39,7 +41,8 @@ def main() -> int:
             for member in tar.getmembers():
                 name = Path(member.name).name
                 if name in MD5 and "/data/" in member.name:
-                    (dest / name).write_bytes(tar.extractfile(member).read())
+                    data = tar.extractfile(member).read()
+                    write_atomic(dest / name, lambda temporary, data=data: temporary.write_bytes(data))
     for name, md5 in MD5.items():
         got = hashlib.md5((dest / name).read_bytes()).hexdigest()
         if got != md5:

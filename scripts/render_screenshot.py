@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from segvolgru.files import write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "Screenshots" / "panel.png"
 CLICKS = 2
@@ -122,7 +124,7 @@ def draw(volume, spacing, reference, segment, box, clicks, scores, out: Path) ->
     plt.close(fig)
     out.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(np.ascontiguousarray(rgb))
-    image.save(out, format="PNG", optimize=True)
+    write_atomic(out, lambda temporary: image.save(temporary, format="PNG", optimize=True))
 
 
 def main() -> None:

@@ -34,8 +34,11 @@ def _bench(args) -> int:
 
 
 def _download(args) -> int:
+    from .files import check_output_folder
     from .weights import download_official_weights
 
+    if args.cache_dir is not None:
+        check_output_folder(args.cache_dir)  # a file there is a usage error, before any download
     path = download_official_weights(cache_dir=args.cache_dir, progress=not args.quiet)
     print(json.dumps({"weights": str(path)}) if args.json else f"official SegVol weights verified at {path}")
     return EXIT_OK
@@ -80,9 +83,11 @@ def _evaluate(args) -> int:
 
 
 def _passthrough(command: str, rest: list[str]) -> int:
-    """Commands with their own argument parsers (``train``, ``evaluate-gru``)."""
+    """Commands with their own argument parsers (``train``, ``train-correction``, ``evaluate-gru``)."""
     if command == "train":
         from .train import main as command_main
+    elif command == "train-correction":
+        from .train_correction import main as command_main
     else:
         from .evaluate_gru import main as command_main
     try:
@@ -142,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(run=_download)
 
     for name, text in (("train", "train a reduced SegVol and its GRU correction (see 'train --help')"),
-                       ("evaluate-gru", "measure the GRU's gain on held-out phantoms, lung2 and MNI152")):
+                       ("train-correction", "train a click corrector on several bases (see 'train-correction --help')"),
+                       ("evaluate-gru", "measure the corrector against its controls on held-out phantoms")):
         sub.add_parser(name, help=text, add_help=False)
     return parser
 
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:
-        if argv and argv[0] in ("train", "evaluate-gru"):
+        if argv and argv[0] in ("train", "train-correction", "evaluate-gru"):
             return _passthrough(argv[0], argv[1:])
         try:
             args = parser.parse_args(argv)

@@ -51,7 +51,8 @@ def refine_step(previous: torch.Tensor, new: torch.Tensor, clicks: np.ndarray, l
         radius = click_radius(previous, click, config, positive)
     out = new
     if corrector is not None:
-        rows = build_rows(torch.sigmoid(new.detach()).cpu().numpy(), clicks, labels, config)
+        rows = build_rows(torch.sigmoid(new.detach()).cpu().numpy(), clicks, labels, config,
+                          None if image is None else image.cpu().numpy())
         state = corrector.initial_state(new.device) if hidden is None else hidden
         delta, hidden = corrector(rows, state)
         out = apply_deltas(new, rows, delta, click, config, image)

@@ -6,6 +6,7 @@ scored with. Volumes are numpy arrays in (K, J, I) = (D, H, W) order; every coor
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,8 +162,11 @@ def box_dict_to_kji(box: dict[str, Any]) -> tuple[int, int, int, int, int, int]:
         raise InputError(
             f"box dict lacks {', '.join(missing)}: pass one entry of the challenge's 'boxes' list "
             f"(keys {', '.join(_BOX_KEYS)})")
-    corners = tuple(int(box[key]) for key in
-                    ("z_min", "z_mid_y_min", "z_mid_x_min", "z_max", "z_mid_y_max", "z_mid_x_max"))
+    values = [box[key] for key in ("z_min", "z_mid_y_min", "z_mid_x_min", "z_max", "z_mid_y_max", "z_mid_x_max")]
+    if not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+               and math.isfinite(float(v)) for v in values):
+        raise InputError(f"box dict {box} holds values that are not finite numbers: check the case's 'boxes' entry")
+    corners = tuple(int(v) for v in values)
     if any(low > high for low, high in zip(corners[:3], corners[3:])) or min(corners) < 0:
         raise InputError(
             f"box {corners} (k0, j0, i0, k1, j1, i1) has a negative index or a minimum above its maximum: "

@@ -54,6 +54,9 @@ class CorrectionConfig:
     # of 2 (its depth: the distance to the nearest mask voxel) brought all clicks from 8.5 % to 2.8 %, same choice.
     negative_reach: float | None = 1.5
     positive_reach: float | None = 2.0
+    # Rows also carry the normalised image in a cube of this radius around their voxel, relative to the clicked
+    # voxel's intensity, so that a correction can follow edges the base prediction missed; 0: no image.
+    patch_radius: int = 0
 
     def __post_init__(self) -> None:
         if self.write_back not in WRITE_BACK_MODES:
@@ -62,6 +65,14 @@ class CorrectionConfig:
             raise ValueError(f"tau must be in (0, 0.5), got {self.tau}")
         if self.k < 1:
             raise ValueError("k must be at least 1")
+        for name in ("error_radius", "fusion_radius", "spread_sigma"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of voxels, got {getattr(self, name)}")
+        low, high = self.fusion_band
+        if not 0 < low < high < 1:
+            raise ValueError(f"fusion_band must be two probabilities 0 < low < high < 1, got {self.fusion_band}")
+        if not isinstance(self.patch_radius, int) or not 0 <= self.patch_radius <= 3:
+            raise ValueError(f"patch_radius must be an integer from 0 to 3, got {self.patch_radius!r}")
         for name in ("negative_reach", "positive_reach"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
@@ -72,6 +83,8 @@ class CorrectionConfig:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["fusion_band"] = list(self.fusion_band)
+        if not self.patch_radius:
+            del data["patch_radius"]  # files of correctors without image rows stay as they were
         return data
 
     @classmethod
@@ -79,9 +92,14 @@ class CorrectionConfig:
         return cls(**data)
 
     @property
-    def network_shape(self) -> tuple[int, int]:
+    def network_shape(self) -> tuple[int, int, int]:
         """What the weights depend on; the other fields are free to change at inference."""
-        return self.hidden_size, self.row_dim
+        return self.hidden_size, self.row_dim, self.patch_radius
+
+    @property
+    def row_features(self) -> int:
+        """Features per row: the geometry and probability ones, then the image cube's voxels."""
+        return ROW_FEATURES + (2 * self.patch_radius + 1) ** 3 if self.patch_radius else ROW_FEATURES
 
 
 @dataclass
@@ -165,8 +183,20 @@ def error_points(pred: np.ndarray, clicks: np.ndarray, labels: np.ndarray, k: in
     return coords[order], lab[order]
 
 
-def build_rows(prob: np.ndarray, clicks: np.ndarray, labels: np.ndarray, config: CorrectionConfig) -> CorrectionRows:
-    """U and E rows of the region's probabilities (K, J, I) given all clicks so far (newest last)."""
+def _image_cubes(image: np.ndarray, coords: np.ndarray, centre, radius: int) -> np.ndarray:
+    """(n, (2r+1)^3) normalised intensities around each voxel (edge-padded), minus the intensity at ``centre``."""
+    padded = np.pad(np.asarray(image, np.float32), radius, mode="edge")
+    offsets = np.arange(-radius, radius + 1)
+    grid = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), axis=-1).reshape(-1, 3)
+    at = coords[:, None, :] + grid[None, :, :] + radius
+    reference = float(image[tuple(int(v) for v in centre)])
+    return padded[at[..., 0], at[..., 1], at[..., 2]] - reference
+
+
+def build_rows(prob: np.ndarray, clicks: np.ndarray, labels: np.ndarray, config: CorrectionConfig,
+               image: np.ndarray | None = None) -> CorrectionRows:
+    """U and E rows of the region's probabilities (K, J, I) given all clicks so far (newest last); with
+    ``config.patch_radius``, each row also carries ``image`` (the region's normalised intensities) around it."""
     k = config.k
     u_coords, u_prob = uncertain_points(prob, k, config.tau)
     e_coords, e_label = error_points(prob > 0.5, clicks, labels, k, config.error_radius)
@@ -176,13 +206,15 @@ def build_rows(prob: np.ndarray, clicks: np.ndarray, labels: np.ndarray, config:
     valid = np.concatenate([uvalid, evalid])
     scale = np.maximum(np.asarray(prob.shape, np.float32) - 1, 1)
     newest, polarity = clicks[-1].astype(np.float32) / scale, float(labels[-1])
-    features = np.zeros((2 * k, ROW_FEATURES), np.float32)
+    features = np.zeros((2 * k, config.row_features), np.float32)
     features[k:, 0] = 1.0  # which set the row belongs to
     features[:, 1:4] = coords / scale
     features[:, 4] = np.concatenate([uv, ev])
     features[:, 5] = valid
     features[:, 6:9] = newest
     features[:, 9] = polarity
+    if config.patch_radius and image is not None:
+        features[:, ROW_FEATURES:] = _image_cubes(image, coords, clicks[-1], config.patch_radius)
     features[~valid] = 0.0
     return CorrectionRows(torch.from_numpy(coords), torch.from_numpy(features), torch.from_numpy(valid))
 
@@ -198,7 +230,7 @@ class ClickCorrector(nn.Module):
         super().__init__()
         self.config = config
         d = config.row_dim
-        self.row_encoder = nn.Sequential(nn.Linear(ROW_FEATURES, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU())
+        self.row_encoder = nn.Sequential(nn.Linear(config.row_features, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU())
         self.gru = nn.GRUCell(2 * d, config.hidden_size)
         self.head = nn.Sequential(nn.Linear(d + config.hidden_size, d), nn.ReLU(), nn.Linear(d, 1))
         nn.init.zeros_(self.head[-1].weight)

@@ -18,7 +18,7 @@ import torch
 
 from .correction import ClickCorrector, CorrectionConfig
 from .errors import InputError, WeightsError
-from .files import write_atomic
+from .files import readable, write_atomic
 
 SHIPPED_CORRECTION_FILE = Path(__file__).resolve().parent / "models" / "correction.pt"
 
@@ -34,16 +34,17 @@ def shipped_correction_path() -> Path:
 def read_corrector(path: str | os.PathLike) -> tuple[ClickCorrector, dict[str, Any]]:
     """The corrector of a correction file and its recipe. Nothing is unpickled (``weights_only``); a file of the
     wrong layout, shape or with non-finite values is a WeightsError saying so."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"corrector file {path} does not exist; give a file written by 'segvolgru "
-                           "train-correction' (or the shipped correction.pt)")
+    path = readable(path, "corrector file", error=WeightsError,
+                    hint="give a file written by 'segvolgru train-correction' (or the shipped correction.pt)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a file that is not a checkpoint
         raise WeightsError(f"{path} is not a readable corrector file ({type(error).__name__}: {error})") from None
-    if not isinstance(data, dict) or not {"config", "model"} <= set(data) or not isinstance(data["model"], dict):
-        raise WeightsError(f"{path} is not a corrector file: expected {{'config', 'model', 'recipe'}}")
+    if not isinstance(data, dict) or not {"config", "model"} <= set(data) or not isinstance(data["model"], dict) \
+            or not isinstance(data["config"], dict) or not isinstance(data.get("recipe") or {}, dict) \
+            or not all(isinstance(v, torch.Tensor) for v in data["model"].values()):
+        raise WeightsError(f"{path} is not a corrector file: expected {{'config': {{...}}, 'model': {{name: tensor}}, "
+                           "'recipe': {...}}")
     try:
         corrector = ClickCorrector(CorrectionConfig.from_dict(dict(data["config"])))
         state = {k: v.float() for k, v in data["model"].items()}

@@ -19,6 +19,8 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """"auto" -> the first CUDA GPU when present, else CPU; "cpu", "cuda" or "cuda:N" by choice."""
     if isinstance(spec, torch.device):
         return spec
+    if spec is not None and not isinstance(spec, str):
+        raise InputError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")

@@ -65,6 +65,9 @@ def read_prompts(path: str | Path) -> dict:
         prompts = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"prompts file {path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InputError(f"prompts file {path} nests too deeply to be a prompts file: give a flat JSON object "
+                         "{\"box\": ..., \"clicks\": ...}") from None
     if not isinstance(prompts, dict):
         raise InputError(f"prompts file {path}: the top level must be a JSON object {{\"box\": ..., \"clicks\": ...}}, "
                          f"got {type(prompts).__name__}")
@@ -184,7 +187,8 @@ def segment_file(image_path, prompts_path, output, weights=None, device: str = "
     from .session import InteractiveSession
     from .weights import resolve_weights
 
-    out = check_output_file(output, (image_path, prompts_path, resolve_weights(weights)), OUTPUT_SUFFIXES)
+    corrector = None if correction is None or correction == "default" else correction
+    out = check_output_file(output, (image_path, prompts_path, resolve_weights(weights), corrector), OUTPUT_SUFFIXES)
     image = read_image(image_path)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{image_path}: a 3-D single-component image is needed, got {image.GetDimension()}-D with "

@@ -502,7 +502,7 @@ class InteractiveSession:
         inside = np.all((local_clicks >= 0) & (local_clicks < np.asarray(logits.shape)), axis=1)
         config = self.correction_config
         rows = build_rows(torch.sigmoid(logits).numpy(), local_clicks[inside][-RECENT_CLICKS:],
-                          labels[inside][-RECENT_CLICKS:], config)
+                          labels[inside][-RECENT_CLICKS:], config, self._prepared.image[sl].cpu().numpy())
         hidden = state.hidden if state.hidden is not None else self.model.correction.initial_state()
         with torch.inference_mode():
             delta, hidden = self.model.correction(rows, hidden)

@@ -33,16 +33,17 @@ import torch
 from torch.nn import functional as F
 
 from .checkpoint import Checkpoint, apply_state, read_checkpoint, save_checkpoint
+from .click_step import refine_step
 from .clicks import box_dict_to_kji, challenge_box, simulate_click
 from .config import SegVolConfig
-from .correction import CorrectionConfig, apply_deltas, build_rows, fuse
+from .correction import CorrectionConfig
 from .errors import InputError
-from .files import write_atomic, write_text_atomic
+from .files import check_output_folder, write_atomic, write_text_atomic
 from .network import SegVol, build_model
 from .phantoms import make_phantom
 from .preprocessing import nearest_exact_indices, preprocess
 from .train_data import FolderSource
-from .validation import positive_int
+from .validation import positive_float, positive_int
 
 # Click rounds per structure: mostly 2-3, rarely 0 or 5 (the issue's schedule).
 CLICK_ROUNDS = (0, 1, 2, 3, 4, 5)
@@ -171,11 +172,10 @@ def structure_session(model: SegVol, embedding: torch.Tensor, gt: np.ndarray, ro
         new = _decode(model, embedding, box, clicks)
         points = np.array([[c.k, c.j, c.i] for c in clicks], np.int64)
         polarity = np.array([int(c.positive) for c in clicks], np.int64)
-        rows = build_rows(torch.sigmoid(new.detach()).cpu().numpy(), points, polarity, config)
-        delta, hidden = model.correction(rows, hidden)
-        corrected = apply_deltas(new, rows, delta, points[-1], config, image)
-        if config.fusion:
-            corrected = fuse(previous, corrected, (0, 0, 0), points[-1], config, bool(polarity[-1]))
+        # the click step sessions run, with gradients into SegVol's click decoding and the corrector
+        step = refine_step(previous, new, points, polarity, config, corrector=model.correction, hidden=hidden,
+                           image=image)
+        corrected, hidden = step.logits, step.hidden
         # SegVol's own click decoding is supervised too, so it does not learn to lean on the correction (with only
         # the corrected logits supervised, "GRU off" got worse with every click).
         loss = loss + dice_bce_loss(corrected, target) + SEGVOL_CLICK_LOSS_WEIGHT * dice_bce_loss(new, target)
@@ -232,14 +232,20 @@ def _save_state(path: Path, model: SegVol, optimizer: torch.optim.Optimizer, ste
     write_atomic(path, lambda temporary: torch.save(state, temporary))  # a crash never leaves a truncated file
 
 
-def _read_state(path: Path) -> dict:
+def _read_state(path: Path, keys: tuple[str, ...] = ("config", "model", "optimizer", "step", "log", "recipe")
+                ) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot read the resume file {path} ({reason}): it is damaged, or was written by an "
                          "older version whose files need unpickling; start over with --no-resume or in another "
                          "folder") from None
+    missing = sorted(set(keys) - set(state)) if isinstance(state, dict) else list(keys)
+    if missing:
+        raise InputError(f"{path} is not a resume file of this command (it lacks {missing}): start over with "
+                         "--no-resume or in another folder")
+    return state
 
 
 def _load_state(path: Path, model: SegVol, optimizer: torch.optim.Optimizer, part: str) -> tuple[int, list[dict]]:
@@ -290,6 +296,7 @@ def train(config: SegVolConfig | None, out_dir: str | Path, settings: TrainSetti
     (:func:`trainable_parameters`). ``device`` "auto" takes a GPU when one is present. Returns the trained model in
     eval mode on the CPU.
     """
+    check_output_folder(out_dir)
     ckpt = _init_checkpoint(init, config) if init is not None else None
     config = ckpt.config if ckpt is not None else config
     if config is None:
@@ -404,9 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train", dest="part", choices=tuple(TRAINED_PREFIXES), default="all",
                         help="what is trained: all (default), correction (the GRU correction only) or decoder "
                              "(mask decoder, prompt encoder and correction; the image encoder stays frozen)")
-    parser.add_argument("--lr", type=float, default=TrainSettings.lr, help="peak learning rate (default %(default)s)")
+    parser.add_argument("--lr", type=positive_float, default=TrainSettings.lr, help="peak learning rate (default %(default)s)")
     parser.add_argument("--structures-per-step", type=int, default=TrainSettings.structures_per_step)
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
+    parser.add_argument("--max-minutes", type=positive_float, default=None, help="stop (and save) after this wall time")
     parser.add_argument("--checkpoint-every", type=float, default=180.0, help="seconds between resume files")
     parser.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda")
     parser.add_argument("--no-resume", action="store_true", help="start over even if OUT/train_state.pt exists")

@@ -17,7 +17,10 @@ from .errors import InputError
 def validate_spacing(spacing, source: str = "spacing") -> tuple[float, float, float]:
     """Three finite positive voxel sizes in mm, per array axis (K, J, I); InputError otherwise."""
     try:
-        values = tuple(float(s) for s in np.ravel(np.asarray(spacing, dtype=object)))
+        raw = list(np.ravel(np.asarray(spacing, dtype=object)))
+        numeric = all(isinstance(s, (numbers.Real, np.floating, np.integer)) and not isinstance(s, (bool, np.bool_))
+                      for s in raw)
+        values = tuple(float(s) for s in raw) if numeric else ()
     except (TypeError, ValueError):
         values = ()
     if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
@@ -70,6 +73,17 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above zero (learning rates, minutes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number above zero")
     return value
 
 
