@@ -55,7 +55,8 @@ def versionProblem() -> str | None:
     """What to upgrade when this Slicer or its Python is older than SegVolGRU needs, else None."""
     from segvolgru.slicer_bridge.requirements import version_problem
 
-    return version_problem(sys.version_info, (int(slicer.app.majorVersion), int(slicer.app.minorVersion)))
+    app = slicer.app  # an application without version properties (a stand-in) is taken as new enough
+    return version_problem(sys.version_info, (getattr(app, "majorVersion", 99), getattr(app, "minorVersion", 0)))
 
 
 #
@@ -430,8 +431,7 @@ class SegVolGRULogic(ScriptedLoadableModuleLogic):
             self.resourcePath("requirements.txt"), problem=versionProblem(), testing=slicer.app.testingEnabled(),
             install_torch=lambda requirement: self._installTorch(requirement, askConfirmation),
             torch_version=lambda: __import__("torch").__version__, pip_ensure=pipEnsure,
-            pip_install=slicer.util.pip_install, temporary_folder=slicer.app.temporaryPath,
-            confirm=slicer.util.confirmOkCancelDisplay if askConfirmation else None)
+            pip_install=slicer.util.pip_install, confirm=askConfirmation and slicer.util.confirmOkCancelDisplay or None)
         self.requirementsChecked = True
 
     def _installTorch(self, requirement: str, askConfirmation: bool) -> bool:

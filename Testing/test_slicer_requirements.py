@@ -19,7 +19,7 @@ def ensure(path, tmp_path, calls, *, testing=False, version="2.5.1+cu121", pip_e
         path, problem=None, testing=testing, install_torch=lambda spec: calls.append(("torch", spec)) or True,
         torch_version=lambda: version,
         pip_ensure=(lambda p, c: calls.append(("pip_ensure", p, open(c).read()))) if pip_ensure else None,
-        pip_install=lambda args: calls.append(("pip_install", args)), confirm=confirm, temporary_folder=tmp_path)
+        pip_install=lambda args: calls.append(("pip_install", args)), confirm=confirm)
 
 
 def test_pip_gets_torch_pinned_to_the_installed_version(tmp_path):
@@ -63,7 +63,7 @@ def test_a_version_problem_installs_nothing(tmp_path):
     with pytest.raises(InstallError, match="Slicer 5.10"):
         req.ensure_requirements(write_requirements(tmp_path, "numpy"), problem="SegVolGRU needs Slicer 5.10",
                                 testing=False, install_torch=calls.append, torch_version=lambda: "2.5",
-                                pip_ensure=None, pip_install=calls.append, confirm=None, temporary_folder=tmp_path)
+                                pip_ensure=None, pip_install=calls.append, confirm=None)
     assert calls == []
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import tempfile
 from collections.abc import Callable, Sequence
 
 from segvolgru.errors import InstallError
@@ -50,8 +51,7 @@ def missing_modules(requirements_path: str | os.PathLike) -> list[str]:
 def ensure_requirements(requirements_path: str | os.PathLike, *, problem: str | None, testing: bool,
                         install_torch: Callable[[str], bool],
                         torch_version: Callable[[], str], pip_ensure: Callable[[str, str], None] | None,
-                        pip_install: Callable[[list[str]], None], confirm: Callable[[str], bool] | None,
-                        temporary_folder: str | os.PathLike) -> None:
+                        pip_install: Callable[[list[str]], None], confirm: Callable[[str], bool] | None) -> None:
     """Make torch and the packages of ``requirements_path`` importable, or raise InstallError saying what to do.
 
     Args:
@@ -62,7 +62,7 @@ def ensure_requirements(requirements_path: str | os.PathLike, *, problem: str | 
         pip_ensure: ``pip_ensure(requirements_path, constraints_path)`` (``slicer.packaging``, Slicer 5.12+), or
             None to use ``pip_install(["-r", requirements, "-c", constraints])`` after ``confirm``.
         confirm: asks the user before a plain pip install; None installs without asking.
-        temporary_folder: where the one-line constraints file pinning torch is written.
+    The one-line constraints file pinning torch is written to a new temporary folder.
     """
     if problem:
         raise InstallError(problem)
@@ -82,7 +82,7 @@ def ensure_requirements(requirements_path: str | os.PathLike, *, problem: str | 
                            f"run slicer.util.pip_install('-r {requirements_path}') first.")
     if testing or (not missing and pip_ensure is None):
         return  # pip_ensure, when there is one, also checks the installed versions
-    constraints = os.path.join(temporary_folder, "SegVolGRU-torch-constraint.txt")
+    constraints = os.path.join(tempfile.mkdtemp(prefix="segvolgru-"), "torch-constraint.txt")
     try:
         with open(constraints, "w", encoding="utf-8") as pin:
             pin.write(f"torch=={version}\n")
