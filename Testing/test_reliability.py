@@ -711,3 +711,18 @@ def test_training_outputs_and_numbers_that_cannot_be_used_exit_2(tmp_path):
     (tmp_path / "r").mkdir()
     torch.save({}, tmp_path / "r" / "resume.pt")
     assert main(["train-correction", str(tmp_path / "r"), "--steps", "1", "--quiet"]) == 2
+
+
+def test_weights_cast_to_integers_and_fractional_labels_are_refused(tmp_path):
+    from segvolgru.evaluate import Case, run_case
+
+    model = tiny_model()
+    state = {k: v.long() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({"model": state}, tmp_path / "ints.pth")
+    with pytest.raises(WeightsError, match="as integers"):
+        load_model(tmp_path / "ints.pth", config=TINY_CONFIG)
+    gts = np.zeros((8, 16, 16), np.float32)
+    gts[2:5, 4:9, 4:9] = 0.5
+    case = Case("half", ct_like((8, 16, 16)), gts, (1.0, 1.0, 1.0), None)
+    with pytest.raises(InputError, match="non-integer"):
+        run_case(model, case)

@@ -183,6 +183,11 @@ def apply_state(model: SegVol, ckpt: Checkpoint, source: str = "checkpoint") -> 
         lines.append("Expected the official SegVol layout (keys image_encoder.*, mask_decoder.*, prompt_encoder.*, "
                      "text_encoder.*); give the matching configuration for a project checkpoint.")
         raise CheckpointError("\n".join(lines))
+    truncated = sorted(k for k, v in state.items() if expected[k].is_floating_point() and not v.is_floating_point())
+    if truncated:
+        raise CheckpointError(f"{source} stores {len(truncated)} weight tensors as integers "
+                              f"({_describe(truncated, 4)}): their fractions are lost; the file was altered, use the "
+                              "original checkpoint")
     state = {k: v.to(expected[k].dtype) for k, v in state.items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:

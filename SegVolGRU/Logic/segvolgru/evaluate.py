@@ -130,7 +130,11 @@ def run_case(model, case: Case, gru: bool = True, fusion: bool = True, cache: bo
 
     if case.image.shape != case.gts.shape:
         raise InputError(f"{case.name}: image {case.image.shape} and labels {case.gts.shape} differ in shape")
-    classes = sorted(int(v) for v in np.unique(case.gts) if v > 0)
+    values = np.unique(case.gts)
+    if not np.array_equal(values, np.round(values)):
+        raise InputError(f"{case.name}: the labels hold non-integer values ({values[values != np.round(values)][:3]}): "
+                         "give a label map of class numbers")
+    classes = sorted(int(v) for v in values if v > 0)
     if not classes:
         raise InputError(f"{case.name}: the labels have no foreground class")
     has_box = case.boxes is not None
