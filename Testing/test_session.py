@@ -449,8 +449,11 @@ def test_a_click_outside_every_region_fuses_both_passes_with_the_radius_measured
     crop_click = np.asarray(far) - np.asarray(s._prepared.pre.crop_start)
     assert not any(all(r.box[a] <= crop_click[a] <= r.box[a + 3] for a in range(3)) for r in s._state.regions)
     expected = click_radius(s._state.logits.clone(), crop_click, s.correction_config, True)
+    import segvolgru.click_step as click_step_module
+
     radii, fuse = [], session_module.fuse
-    monkeypatch.setattr(session_module, "fuse", lambda *args: radii.append(args[6]) or fuse(*args))
+    for module in (session_module, click_step_module):  # the zoom-out pass, then the click step's fusion
+        monkeypatch.setattr(module, "fuse", lambda *args: radii.append(args[6]) or fuse(*args))
     s.add_click(far, True)
     assert radii == [expected, expected]
 
@@ -506,7 +509,9 @@ def test_past_the_recent_clicks_the_decoder_and_the_error_rows_see_only_the_newe
     cap = session_module.RECENT_CLICKS
     s, box, clicks = _long_session(model, cap + 10)
     decoded, scanned = [], []
-    decode, rows = s.engine.decode, session_module.build_rows
+    import segvolgru.click_step as click_step_module
+
+    decode, rows = s.engine.decode, click_step_module.build_rows
 
     def counting_decode(embedding, key, box, points, *args, **kwargs):
         decoded.append(np.zeros((0, 3)) if points is None else np.asarray(points).copy())
@@ -517,7 +522,7 @@ def test_past_the_recent_clicks_the_decoder_and_the_error_rows_see_only_the_newe
         return rows(prob, clicks, labels, config, image)
 
     monkeypatch.setattr(s.engine, "decode", counting_decode)
-    monkeypatch.setattr(session_module, "build_rows", counting_rows)
+    monkeypatch.setattr(click_step_module, "build_rows", counting_rows)  # the click step builds the rows
     s.set_box(box)
     for voxel, positive in clicks:
         s.add_click(voxel, positive)

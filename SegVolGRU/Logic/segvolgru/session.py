@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .cache import EmbeddingCache, content_key
-from .correction import CorrectionConfig, apply_deltas, ball_box, build_rows, click_radius, fuse
+from .click_step import refine_step
+from .correction import CorrectionConfig, ball_box, click_radius, fuse
 from .engine import Engine, PreparedVolume, Roi
 from .errors import InputError
 from .inference import SegmentResult, engine_for, official_roi, prompts_in_crop, roi_slices
@@ -358,7 +359,7 @@ class InteractiveSession:
             _, new = self._decode_region(region, crop_box, crop_pts, labels)
             logits[roi_slices(roi)] = new
             if len(crop_pts) and self.correction_active:
-                self._correct(state, crop_pts, labels)
+                self._refine(state, roi_slices(roi), crop_pts, labels)
         finally:
             self._state = saved
         return state
@@ -477,11 +478,7 @@ class InteractiveSession:
             sl, local_click = part_sl, local_click - np.array([p.start for p in part])
         previous = self._state.logits[sl].clone()
         self._write(step, part_sl, new)
-        if self.correction_active:
-            self._correct(self._state, crop_pts, labels, step, region)
-        if config.fusion:
-            self._write(step, sl, fuse(previous, self._state.logits[sl], (0, 0, 0), local_click, config,
-                                       bool(labels[-1]), radius))
+        self._refine(self._state, sl, crop_pts, labels, step, previous, radius)
         step.hidden_after = self._state.hidden
         return step
 
@@ -491,24 +488,25 @@ class InteractiveSession:
         lo = np.clip(click - size // 2, 0, shape - size)
         return (*map(int, lo), *map(int, lo + size - 1))  # type: ignore[return-value]
 
-    def _correct(self, state: _State, crop_pts, labels, step: _Step | None = None,
-                 region: _Region | None = None) -> None:
-        """GRU correction of the region of the newest click (error rows around the newest clicks in it); the hidden
-        state moves on by one click."""
-        region = region or state.regions[0]
-        sl = roi_slices(region.box)
-        logits = state.logits[sl]
-        local_clicks = crop_pts - region.start
-        inside = np.all((local_clicks >= 0) & (local_clicks < np.asarray(logits.shape)), axis=1)
+    def _refine(self, state: _State, sl: tuple[slice, ...], crop_pts, labels, step: _Step | None = None,
+                previous: torch.Tensor | None = None, radius: float | None = None) -> None:
+        """The click step (:func:`~segvolgru.click_step.refine_step`) on the part ``sl`` of the logits, which holds
+        the base's new values: the correction (error rows around the newest clicks in it; the hidden state moves on
+        by one click) and, given the logits before the click (``previous``), the fusion."""
+        new = state.logits[sl]
+        local_clicks = crop_pts - np.array([s.start for s in sl])
+        inside = np.all((local_clicks >= 0) & (local_clicks < np.asarray(new.shape)), axis=1)
         config = self.correction_config
-        rows = build_rows(torch.sigmoid(logits).numpy(), local_clicks[inside][-RECENT_CLICKS:],
-                          labels[inside][-RECENT_CLICKS:], config, self._prepared.image[sl].cpu().numpy())
-        hidden = state.hidden if state.hidden is not None else self.model.correction.initial_state()
+        if previous is None:
+            config, previous = dataclasses.replace(config, fusion=False), new
+        corrector = self.model.correction if self.correction_active else None
         with torch.inference_mode():
-            delta, hidden = self.model.correction(rows, hidden)
-            corrected = apply_deltas(logits, rows, delta, local_clicks[-1], config, self._prepared.image[sl])
-        state.hidden = hidden.clone()
-        self._write(step, sl, corrected, state)
+            result = refine_step(previous, new, local_clicks[inside][-RECENT_CLICKS:], labels[inside][-RECENT_CLICKS:],
+                                 config, corrector=corrector, hidden=state.hidden, image=self._prepared.image[sl],
+                                 radius=radius)
+        if corrector is not None:
+            state.hidden = result.hidden.clone()
+        self._write(step, sl, result.logits, state)
 
     def _write(self, step: _Step | None, sl: tuple[slice, ...], new: torch.Tensor,
                state: _State | None = None) -> None:
