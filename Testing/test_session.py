@@ -548,3 +548,16 @@ def test_sessions_shorter_than_the_recent_clicks_equal_those_with_every_click(mo
     monkeypatch.setattr(session_module, "RECENT_CLICKS", 5)
     fewer = InteractiveSession.replay(model, volume, s.prompts, cache=EmbeddingCache(), **s.settings())
     assert not torch.equal(fewer._state.logits, s._state.logits)
+
+
+def test_the_correctors_network_shape_is_no_session_setting_and_replays_leave_it_out():
+    model = tiny_model(CORRECTION)
+    volume = ct_like(shape=(20, 48, 48))
+    with pytest.raises(InputError, match="not a session setting"):
+        InteractiveSession(model, volume, hidden_size=12345)
+    session = InteractiveSession(model, volume)
+    assert not {"hidden_size", "row_dim", "patch_radius"} & set(session.settings())
+    session.set_box((4, 10, 10, 14, 30, 30))
+    session.add_click((9, 20, 20), True)
+    again = InteractiveSession.replay(model, volume, session.prompts, **session.settings())
+    np.testing.assert_array_equal(again.mask, session.mask)

@@ -446,3 +446,23 @@ def test_each_segment_shows_its_own_clicks_in_the_shared_point_lists(scene):
     assert workflow.segment_id == second and positive.GetNumberOfControlPoints() == 0
     workflow.select_segment("target")
     assert clicks(workflow) == [([7, 18, 20], True)] and positive.GetNumberOfControlPoints() == 1
+
+
+def test_prompts_stored_by_the_previous_tag_version_still_reopen(scene, model):
+    import json
+
+    mrml, volume, segmentation, _, _, target, _ = scene
+    old_tag = {"version": 1, "prompts": [{"type": "box", "box": [3, 10, 12, 9, 24, 28]}], "clicks": [],
+               "settings": {"gru": True, "text": None, "hidden_size": 256, "row_dim": 64}}
+    segmentation.GetSegmentation().GetSegment(target).SetTag(PROMPTS_TAG, json.dumps(old_tag))
+    reopened = SegmentationWorkflow(mrml.scene, volume, segmentation, None, model, cache=EmbeddingCache())
+    reopened.select_segment("target")
+    assert reopened.prompts() == old_tag["prompts"]
+    reopened.apply(reopened.replay_step())
+    assert reopened.mask() is not None
+    from vtkmodules.vtkCommonCore import reference
+
+    value = reference("")
+    segmentation.GetSegmentation().GetSegment(target).GetTag(PROMPTS_TAG, value)
+    stored = json.loads(str(value))
+    assert stored["version"] == 2 and "hidden_size" not in stored["settings"]

@@ -34,6 +34,8 @@ from .windows import WindowGrid, bounding_box, window_grid
 _FLOOR_LOGIT = -20.0
 MAX_HISTORY = 50
 # the session's own settings and their types (the correction's are CorrectionConfig's fields)
+# The corrector's network shape: fixed by the model's corrector, never a session's choice.
+ARCHITECTURE_KEYS = ("hidden_size", "row_dim", "patch_radius")
 _SESSION_SETTINGS = {"overlap": "float", "gru": "bool", "text": "str | None", "require_box": "bool"}
 # what a stored prompt holds, by type
 _PROMPT_KEYS = {"box": {"type", "box"}, "click": {"type", "voxel", "positive"}}
@@ -116,7 +118,12 @@ class InteractiveSession:
         self.engine: Engine = engine_for(model, cache)
         self.model = model
         self.spacing = None if spacing is None else validate_spacing(spacing, "session spacing")
-        known = {**_SESSION_SETTINGS, **{f.name: str(f.type) for f in dataclasses.fields(CorrectionConfig)}}
+        architecture = sorted(set(settings) & set(ARCHITECTURE_KEYS))
+        if architecture:
+            raise InputError(f"{', '.join(architecture)} describe the corrector's network, which comes with the model "
+                             "(load_model(..., correction=FILE)), not a session setting: leave them out")
+        known = {**_SESSION_SETTINGS, **{f.name: str(f.type) for f in dataclasses.fields(CorrectionConfig)
+                                         if f.name not in ARCHITECTURE_KEYS}}
         unknown = sorted(set(settings) - set(known))
         if unknown:
             raise InputError(f"unknown session settings {unknown}: the known ones are {', '.join(known)}")
@@ -219,8 +226,9 @@ class InteractiveSession:
 
     def settings(self) -> dict:
         """Plain data that, with the prompts, reproduces this session exactly."""
+        correction = {k: v for k, v in self.correction_config.to_dict().items() if k not in ARCHITECTURE_KEYS}
         return {"overlap": self.overlap, "gru": self.gru, "text": self.text, "require_box": self.require_box,
-                **self.correction_config.to_dict()}
+                **correction}
 
     @classmethod
     def replay(cls, model: SegVol, volume: np.ndarray, prompts: list[dict], spacing=None,

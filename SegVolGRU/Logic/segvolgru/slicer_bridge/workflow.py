@@ -51,7 +51,9 @@ from .steps import ClickSource, PredictionError, Step, StepStatus, click_count, 
 from .volumes import volume_array_kji, volume_spacing_kji
 
 PROMPTS_TAG = "SegVolGRU.Prompts"
-_TAG_VERSION = 1
+# 2: the stored settings never hold the corrector's network shape (hidden_size, row_dim), which version 1 could;
+# stored settings are informative only (a workflow replays with its own), so both versions read the same.
+_TAG_VERSION = 2
 Extent = tuple[int, int, int, int, int, int]
 
 
