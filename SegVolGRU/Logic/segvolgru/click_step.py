@@ -51,8 +51,8 @@ def refine_step(previous: torch.Tensor, new: torch.Tensor, clicks: np.ndarray, l
         radius = click_radius(previous, click, config, positive)
     out = new
     if corrector is not None:
-        rows = build_rows(torch.sigmoid(new.detach()).cpu().numpy(), clicks, labels, config,
-                          None if image is None else image.cpu().numpy())
+        cube_image = image.cpu().numpy() if config.patch_radius and image is not None else None
+        rows = build_rows(torch.sigmoid(new.detach()).cpu().numpy(), clicks, labels, config, cube_image)
         state = corrector.initial_state(new.device) if hidden is None else hidden
         delta, hidden = corrector(rows, state)
         out = apply_deltas(new, rows, delta, click, config, image)

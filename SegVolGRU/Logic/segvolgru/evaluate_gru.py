@@ -173,11 +173,18 @@ def regrowth(masks: list[np.ndarray]) -> tuple[int, int]:
     return back, changed
 
 
+def _structure_box(gt: np.ndarray, seed: int):
+    return box_dict_to_kji(challenge_box(gt, np.random.default_rng(seed)))
+
+
 def run_structure(model, volume, gt: np.ndarray, variant: str, base: str, cache, seed: int, *,
-                  constant: float = 8.0, others=None, clicks: int = CLICKS) -> dict:
-    """One structure: Dice per step (box, then each click), the click seconds, regrowth counts."""
+                  constant: float = 8.0, others=None, clicks: int = CLICKS, fixed: np.ndarray | None = None,
+                  image: np.ndarray | None = None) -> dict:
+    """One structure: Dice per step (box, then each click), the click seconds, regrowth counts. ``fixed`` and
+    ``image``: the click-blind base's logits and the normalised volume when the caller has them already (every
+    variant runs on the same ones)."""
     gt = np.asarray(gt, bool)
-    box = box_dict_to_kji(challenge_box(gt, np.random.default_rng(seed)))
+    box = _structure_box(gt, seed)
     corrector = corrector_for(model, variant, constant)
     if base == "segvol":
         masks, seconds, _ = session_steps(model, volume, box, gt, {"gru": corrector is not None}, cache, clicks,
@@ -186,8 +193,10 @@ def run_structure(model, volume, gt: np.ndarray, variant: str, base: str, cache,
         from .correction import CorrectionConfig
 
         config = model.correction.config if model.correction is not None else CorrectionConfig()
-        logits = base_logits(base, gt, volume, box, np.random.default_rng(seed), others)
-        masks, seconds = _fixed_base_steps(logits, _normalised(volume), box, corrector, config, gt, clicks)
+        if fixed is None:
+            fixed = base_logits(base, gt, volume, box, np.random.default_rng(seed), others)
+        image = _normalised(volume) if image is None else image
+        masks, seconds = _fixed_base_steps(fixed, image, box, corrector, config, gt, clicks)
     back, changed = regrowth(masks)
     return {"dice": [dice(m, gt) for m in masks], "seconds": seconds, "regrown": back, "changed": changed}
 
@@ -230,12 +239,21 @@ def evaluate(model, cases, *, variants=VARIANTS, bases=BASES, constant: float = 
 
     cache = cache or EmbeddingCache()
     runs = {v: {b: [] for b in bases} for v in variants}
+    images: dict[int, np.ndarray] = {}  # the normalised volume, once per case
     for name, volume, gt, others, spacing, index in tqdm(structures(cases), desc="structures", file=sys.stderr,
                                                           disable=not progress):
+        if id(volume) not in images:
+            images[id(volume)] = _normalised(volume)
+        image = images[id(volume)]
+        box = _structure_box(gt, index)
+        # every variant corrects the same base predictions, drawn once per structure
+        fixed = {b: base_logits(b, gt, volume, box, np.random.default_rng(index), others) for b in bases
+                 if b != "segvol"}
         for variant in variants:
             for base in bases:
                 runs[variant][base].append(run_structure(model, volume, gt, variant, base, cache, index,
-                                                         constant=constant, others=others, clicks=clicks))
+                                                         constant=constant, clicks=clicks, fixed=fixed.get(base),
+                                                         image=image))
     return runs
 
 

@@ -1,7 +1,7 @@
 """Challenge ``.npz`` files read without running anything from them.
 
-``np.load(allow_pickle=True)`` unpickles object arrays, and a pickle may call any function. Here numeric arrays
-are read with ``allow_pickle=False``; the challenge format's object arrays (``boxes``: a list of box dicts or
+Loading object arrays the usual way unpickles them, and a pickle may call any function. Here numeric arrays are
+read with ``allow_pickle=False``; the challenge format's object arrays (``boxes``: a list of box dicts or
 None, ``text_prompts``: a dict of strings) go through an unpickler that builds numpy arrays, dtypes and scalars
 and nothing else, so all it can return is plain data (dict, list, tuple, str, int, float, bool, None, numpy
 scalars). Any other global in the pickle is refused before anything from the file runs.

@@ -462,7 +462,11 @@ class SegmentationWorkflow:
                     copy_masking(source, editor_node)
             if editor_node.GetOverwriteMode() != editor_node.OverwriteNone:
                 segment_ids += [i for i in self.segmentation_node.GetSegmentation().GetSegmentIDs() if i != segment_id]
+        k0, j0, i0, k1, j1, i1 = extent
+        added = mask[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] != 0
         read = [(i, read_segment_mask(self.segmentation_node, i, self.volume_node, extent)) for i in segment_ids]
+        # another segment can only lose voxels where this one gains them: one without any there is not read again
+        read = [(i, before) for i, before in read if i == segment_id or (before.astype(bool) & added).any()]
         write_segment_mask(self.segmentation_node, segment_id, mask, self.volume_node, extent, self.editor_logic)
         patches = []
         for i, before in read:
